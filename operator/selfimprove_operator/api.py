@@ -1,0 +1,311 @@
+"""The SelfImproveRun API (selfimprove.dev/v1alpha1): spec and status as pydantic models.
+
+These models are the single source of truth: the CRD's schema is generated from them
+(`selfimprove crd`), the validator and both executors load manifests through them. The parameter
+sections a stage receives (task, sampling, filters, training, …) are the workers' own models,
+imported here, so what a user writes is exactly what a stage validates.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from selfimprove_workers.spec import (
+    AugmentSpec,
+    EngineSpec,
+    EvaluationSpec,
+    FilterSpec,
+    Probability,
+    SamplingSpec,
+    Uri,
+    TaskSpec,
+    TrainingSpec,
+    WireModel,
+)
+
+GROUP = "selfimprove.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "SelfImproveRun"
+PLURAL = "selfimproveruns"
+SHORT_NAME = "sir"
+
+# Job names are `<run>-r<round>-<stage>[-a<attempt>]` and must stay a DNS label (≤ 63): a run
+# name of at most 40 leaves room for round 999, "evaluate" and attempt 99.
+MAX_RUN_NAME = 40
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+Strategy = Literal["lmsi", "iwsi", "llm2llm"]
+Phase = Literal[
+    "Pending", "Sampling", "Filtering", "Augmenting", "Training", "Evaluating",
+    "Succeeded", "Failed", "Suspended",
+]
+STAGE_PHASE: dict[str, str] = {
+    "sample": "Sampling",
+    "filter": "Filtering",
+    "augment": "Augmenting",
+    "train": "Training",
+    "evaluate": "Evaluating",
+}
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded", "Failed", "Suspended")
+
+
+# =========================================================================== spec
+class ModelSpec(WireModel):
+    base: Uri = Field(
+        ...,
+        description="Base model weights: an s3:// or file:// URI of a Hugging Face model folder, or a path.",
+    )
+    teacher: Uri | None = Field(
+        None, description="Teacher model for LLM2LLM augmentation and the judge; defaults to base."
+    )
+
+
+class DataSpec(WireModel):
+    questions: Uri | None = Field(
+        None, description="Unlabeled questions (JSONL with `question`) that LMSI / IWSI sample."
+    )
+    seed: Uri | None = Field(None, description="Labeled seed set (JSONL with `question`, `answer`) for LLM2LLM.")
+    validation: Uri | None = Field(
+        None, description="Small labeled set IWSI measures distribution shift against."
+    )
+    evaluation: Uri = Field(
+        ..., description="Labeled held-out set (JSONL) every round is evaluated on."
+    )
+
+
+class RoundsSpec(WireModel):
+    max: int | None = Field(
+        None, ge=1, le=999,
+        description="Rounds after round 0 (the base model's evaluation). Raising it on a finished "
+        "run continues the run. Preset: lmsi 3, iwsi 3, llm2llm 10.",
+    )
+    patience: int = Field(
+        1, ge=0, le=999,
+        description="Stop after this many rounds without improving the best accuracy (0: never stop early).",
+    )
+    min_improvement: float = Field(
+        0.0, ge=0.0, le=1.0, description="Accuracy gain that counts as an improvement."
+    )
+    target_accuracy: Probability | None = Field(
+        None, description="Stop as soon as a round reaches this accuracy."
+    )
+
+
+class RetrySpec(WireModel):
+    limit: int = Field(2, ge=0, le=100, description="Retries of a stage that failed transiently (exit code not 2).")
+    backoff_seconds: int = Field(30, ge=0, le=86400, description="Delay before the first retry; doubles each time.")
+    max_backoff_seconds: int = Field(900, ge=0, le=86400, description="Longest delay between retries.")
+
+
+class Toleration(WireModel):
+    key: str | None = Field(None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect matched; empty matches all."
+    )
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class ModelCacheSpec(WireModel):
+    claim_name: str = Field(..., min_length=1, description="PersistentVolumeClaim holding downloaded models.")
+    mount_path: str = Field("/cache", description="Where the cache is mounted in worker pods.")
+
+
+class ResourcesSpec(WireModel):
+    gpus: int = Field(1, ge=0, le=64, description="Accelerators per stage Job.")
+    gpu_resource_name: str | None = Field(
+        None, description="Extended resource requested for them; defaults to the operator's setting (nvidia.com/gpu)."
+    )
+    cpu: str | None = Field(None, description="CPU request of a stage pod (Kubernetes quantity).")
+    memory: str | None = Field(None, description="Memory request and limit of a stage pod (Kubernetes quantity).")
+    image: str | None = Field(None, description="Worker image for this run; defaults to the operator's.")
+    service_account_name: str | None = Field(None, description="Service account of the stage pods.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels stage pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints stage pods tolerate.")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity, as in a PodSpec.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the stage pods.")
+    queue_name: str | None = Field(
+        None, description="Kueue LocalQueue; Jobs are created suspended and Kueue admits them."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Longest a stage Job may run before it fails with DeadlineExceeded."
+    )
+    backoff_limit: int = Field(0, ge=0, le=100, description="Pod retries inside one Job (disruptions never count).")
+    ttl_seconds_after_finished: int | None = Field(
+        3600, ge=0, description="Finished Jobs are deleted after this long (their results are in status)."
+    )
+    model_cache: ModelCacheSpec | None = Field(None, description="Optional volume caching model weights.")
+
+
+class StorageSpec(WireModel):
+    uri: Uri = Field(
+        ...,
+        description="Where artifacts go: s3://bucket/prefix/ or file:///path/ (local runs).",
+    )
+    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph RGW, …); empty for AWS.")
+    region: str | None = Field(None, description="S3 region.")
+    secret_ref: str | None = Field(
+        None,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+        "AWS_SESSION_TOKEN) given to stage pods as environment; the operator never reads it.",
+    )
+
+    @model_validator(mode="after")
+    def _scheme(self) -> "StorageSpec":
+        if not re.match(r"^(s3://[^/]+|file://|/|\.)", self.uri):
+            raise ValueError("uri: must start with s3://bucket, file:// or a path")
+        return self
+
+
+class SelfImproveRunSpec(WireModel):
+    strategy: Strategy = Field(
+        ..., description="Method preset: lmsi (self-consistency), iwsi (plus distribution-shift filter) or llm2llm (teacher augmentation)."
+    )
+    model: ModelSpec = Field(..., description="Models. Immutable after creation.")
+    data: DataSpec = Field(..., description="Datasets. Immutable after creation.")
+    task: TaskSpec = Field(default_factory=TaskSpec, description="Prompts and answer extraction.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Inference engine of the stages.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of reasoning paths.")
+    filters: list[FilterSpec] | None = Field(
+        None, max_length=16,
+        description="Selection filters applied in order. Preset: lmsi [consistency 0.9]; "
+        "iwsi [consistency 0.9, distributionShift 0.8]; llm2llm none.",
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="LoRA training.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="LLM2LLM augmentation.")
+    rounds: RoundsSpec = Field(default_factory=RoundsSpec, description="How many rounds and when to stop.")
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="Stage retries.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Where and how stage Jobs run.")
+    storage: StorageSpec = Field(..., description="Artifact storage.")
+    suspend: bool = Field(False, description="Start nothing new and suspend running stage Jobs.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "SelfImproveRunSpec":
+        errors: list[str] = []
+        if self.strategy in ("lmsi", "iwsi") and not self.data.questions:
+            errors.append(f"data.questions: is required for strategy {self.strategy}")
+        if self.strategy == "llm2llm":
+            if not self.data.seed:
+                errors.append("data.seed: is required for strategy llm2llm")
+            if self.filters:
+                errors.append("filters: llm2llm has no sample/filter stages; remove filters")
+        filters = self.filters or []
+        kinds = [f.kind for f in filters]
+        if self.strategy == "iwsi" and not self.data.validation:
+            errors.append("data.validation: is required for strategy iwsi")
+        if "distributionShift" in kinds and not self.data.validation:
+            errors.append("data.validation: is required by the distributionShift filter")
+        if self.strategy == "iwsi" and self.filters is not None and "distributionShift" not in kinds:
+            errors.append("filters: iwsi needs a distributionShift filter")
+        if self.engine.kind == "vllm" and self.training.lora.r and self.training.lora.r > self.engine.max_lora_rank:
+            errors.append(
+                f"training.lora.r: {self.training.lora.r} exceeds engine.maxLoraRank "
+                f"{self.engine.max_lora_rank} (vLLM could not load the adapter)"
+            )
+        if errors:
+            # One line per problem; the validator splits them back into field-named errors.
+            raise ValueError("\n".join(errors))
+        return self
+
+
+# =========================================================================== status
+class Condition(WireModel):
+    """metav1.Condition."""
+
+    type: str = Field(..., description="Ready, Progressing, Degraded, Succeeded, Failed or Suspended.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="CamelCase reason for machines.")
+    message: str = Field("", description="Message for humans.")
+    last_transition_time: str = Field(..., description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="Spec generation the condition reflects.")
+
+
+StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+
+
+class StageStatus(WireModel):
+    name: Literal["sample", "filter", "augment", "train", "evaluate"] = Field(..., description="Stage.")
+    state: StageState = Field("Pending", description="Pending, Running, Succeeded, Failed or Skipped.")
+    attempts: int = Field(0, ge=0, description="Attempts started.")
+    job: str | None = Field(None, description="Job (or local process) of the latest attempt.")
+    output: str | None = Field(None, description="Storage prefix of the stage's artifacts.")
+    start_time: str | None = Field(None, description="Start of the latest attempt.")
+    completion_time: str | None = Field(None, description="End of the stage.")
+    retry_after: str | None = Field(None, description="Earliest time of the next attempt (backoff).")
+    reason: str | None = Field(None, description="Why the latest attempt failed: BadInput, OOMKilled, DeadlineExceeded, ImagePullBackOff, …")
+    message: str | None = Field(None, description="Details of the failure or progress.")
+    exit_code: int | None = Field(None, description="Exit code of the latest failed attempt.")
+    progress: str | None = Field(None, description="Progress of the running attempt, as N/M.")
+    metrics: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="Headline metrics of the stage's result."
+    )
+
+
+class RoundStatus(WireModel):
+    round: int = Field(..., ge=0, description="Round number (0: the base model).")
+    stages: list[StageStatus] = Field(default_factory=list, description="The round's stages in order.")
+    samples: int | None = Field(None, description="Reasoning paths sampled.")
+    questions: int | None = Field(None, description="Questions sampled.")
+    kept: int | None = Field(None, description="Paths kept by the filters.")
+    mean_confidence: float | None = Field(None, description="Mean self-consistency confidence.")
+    augmented: int | None = Field(None, description="New examples written by the teacher.")
+    train_loss: float | None = Field(None, description="Final training loss.")
+    accuracy: float | None = Field(None, description="Accuracy on the evaluation set.")
+    seed_accuracy: float | None = Field(None, description="Accuracy on the seed set (LLM2LLM).")
+    adapter: str | None = Field(None, description="URI of the round's LoRA adapter.")
+    start_time: str | None = Field(None, description="When the round started.")
+    completion_time: str | None = Field(None, description="When the round finished.")
+
+
+class SelfImproveRunStatus(WireModel):
+    phase: Phase = Field("Pending", description="Summary for humans.")
+    round: int = Field(0, ge=0, description="Current round.")
+    rounds: list[RoundStatus] = Field(default_factory=list, description="Every round's stages and metrics.")
+    best_round: int | None = Field(None, description="Round with the highest accuracy.")
+    best_accuracy: float | None = Field(None, description="Highest accuracy reached.")
+    best_adapter: str | None = Field(None, description="Adapter of the best round (none when round 0 is best).")
+    artifacts: str | None = Field(None, description="Storage prefix of this run's artifacts.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded, Succeeded, Failed, Suspended.")
+    observed_generation: int | None = Field(None, description="Last spec generation acted on.")
+    applied_spec: str | None = Field(
+        None, description="Digest of the immutable spec fields the run started with."
+    )
+    start_time: str | None = Field(None, description="When the run started.")
+    completion_time: str | None = Field(None, description="When the run finished.")
+    message: str | None = Field(None, description="Latest notable event.")
+
+
+# =========================================================================== the object
+class ObjectMeta(WireModel):
+    """The parts of metav1.ObjectMeta selfimprove reads; everything else passes through."""
+
+    model_config = WireModel.model_config | {"extra": "allow"}
+
+    name: str = Field(..., description="Run name (DNS label, at most 40 characters).")
+    namespace: str | None = Field(None, description="Namespace.")
+    uid: str | None = Field(None, description="Set by the API server.")
+    generation: int | None = Field(None, description="Set by the API server.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+    @model_validator(mode="after")
+    def _dns_label(self) -> "ObjectMeta":
+        if len(self.name) > MAX_RUN_NAME:
+            raise ValueError(f"name: must be at most {MAX_RUN_NAME} characters (stage Job names derive from it)")
+        if not re.match(DNS_LABEL, self.name):
+            raise ValueError("name: must be a DNS label (lowercase letters, digits, '-')")
+        return self
+
+
+class SelfImproveRun(WireModel):
+    api_version: Literal["selfimprove.dev/v1alpha1"] = Field(API_VERSION, description="selfimprove.dev/v1alpha1")
+    kind: Literal["SelfImproveRun"] = Field(KIND, description="SelfImproveRun")
+    metadata: ObjectMeta = Field(..., description="Standard object metadata.")
+    spec: SelfImproveRunSpec = Field(..., description="What to run.")
+    status: SelfImproveRunStatus | None = Field(None, description="What happened (written by the controller).")

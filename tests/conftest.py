@@ -1,0 +1,20 @@
+"""Shared test setup. Fixture modules live beside this file as plain modules."""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# No test may reach a model hub: every model is built locally by a fixture.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from s3_fixtures import *  # noqa: E402,F401,F403
+
+try:  # written by the workers' tests; absent in a partial checkout
+    from model_fixtures import *  # noqa: E402,F401,F403
+except ImportError as exc:  # pragma: no cover
+    if "model_fixtures" not in str(exc):
+        raise

@@ -1,0 +1,198 @@
+"""The contract between the control plane and a worker stage.
+
+A stage receives one `StageTask` (as JSON: a Job's argument, or a file for the local runner) and
+returns one `StageResult`. The result's compact JSON is the *summary* the control plane reads — a
+Kubernetes termination message, which the kubelet truncates at 4096 bytes, so the summary is
+capped at `SUMMARY_LIMIT` and a bigger one is an error rather than a silently cut message. The
+full metrics go to `result.json` next to the stage's artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .spec import (
+    AugmentSpec,
+    EngineSpec,
+    EvaluationSpec,
+    FilterSpec,
+    SamplingSpec,
+    TaskSpec,
+    TrainingSpec,
+    WireModel,
+)
+
+API_VERSION = "selfimprove.dev/v1alpha1"
+SUMMARY_LIMIT = 4096
+RESULT_FILE = "result.json"
+
+
+class StageName(str, Enum):
+    sample = "sample"
+    filter = "filter"
+    augment = "augment"
+    train = "train"
+    evaluate = "evaluate"
+
+
+class RunRef(WireModel):
+    name: str = Field(..., min_length=1, description="The SelfImproveRun's name.")
+    namespace: str = Field("default", description="The SelfImproveRun's namespace.")
+    uid: str = Field("", description="The SelfImproveRun's uid (empty for local runs).")
+
+
+class StorageRef(WireModel):
+    """Where and how to reach storage. Credentials are never part of a task: they come from the
+    standard AWS environment variables, which the Job fills from the run's secret."""
+
+    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph, …).")
+    region: str | None = Field(None, description="S3 region.")
+
+
+class ModelRef(WireModel):
+    base: str = Field(..., min_length=1, description="Base model: a URI (s3://, file://) or a local path.")
+    adapter: str | None = Field(
+        None, description="LoRA adapter to apply (the previous round's), a URI of a peft directory."
+    )
+    teacher: str | None = Field(None, description="Teacher model for augmentation (defaults to base).")
+    judge: str | None = Field(None, description="Judge model for the judge filter (defaults to teacher).")
+
+
+class StageInputs(WireModel):
+    """Named inputs; which ones a stage needs is checked in `StageTask`."""
+
+    questions: str | None = Field(None, description="Unlabeled questions (JSONL) to sample.")
+    samples: str | None = Field(None, description="`samples.jsonl` of this round's sample stage.")
+    votes: str | None = Field(None, description="`votes.jsonl` of this round's sample stage.")
+    validation: str | None = Field(None, description="Small labeled set (IWSI's distribution reference).")
+    evaluation: str | None = Field(None, description="Labeled held-out set for accuracy.")
+    seed: str | None = Field(None, description="Labeled seed set (LLM2LLM).")
+    predictions: str | None = Field(
+        None, description="An evaluation's `seed_predictions.jsonl` whose wrong answers get augmented."
+    )
+    train: list[str] = Field(default_factory=list, description="JSONL files the adapter is trained on.")
+    existing: list[str] = Field(
+        default_factory=list, description="Question files new augmented questions must not duplicate."
+    )
+
+
+_NEEDS: dict[StageName, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # stage: (required inputs, required parameter sections)
+    StageName.sample: (("questions",), ("sampling",)),
+    StageName.filter: (("samples", "votes"), ("filters",)),
+    StageName.train: (("train",), ("training",)),
+    StageName.evaluate: (("evaluation",), ("evaluation",)),
+    StageName.augment: (("predictions",), ("augment",)),
+}
+
+
+class StageTask(WireModel):
+    api_version: Literal["selfimprove.dev/v1alpha1"] = Field(API_VERSION, description="Contract version.")
+    kind: Literal["StageTask"] = Field("StageTask", description="Always StageTask.")
+    run: RunRef = Field(..., description="The run this stage belongs to.")
+    round: int = Field(..., ge=0, description="Round number; round 0 evaluates the base model.")
+    stage: StageName = Field(..., description="Which stage to run.")
+    attempt: int = Field(1, ge=1, description="Attempt number (1 for the first).")
+    output: str = Field(..., min_length=1, description="Storage prefix the stage writes its files under.")
+    storage: StorageRef = Field(default_factory=StorageRef, description="How to reach storage.")
+    model: ModelRef = Field(..., description="Models and adapter the stage uses.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Inference engine settings.")
+    gpus: int = Field(0, ge=0, description="Accelerators of the Job (tensor / data parallel size).")
+    inputs: StageInputs = Field(default_factory=StageInputs, description="Input URIs.")
+    task: TaskSpec = Field(default_factory=TaskSpec, description="Prompts and answer extraction.")
+    sampling: SamplingSpec | None = Field(None, description="sample: how to sample.")
+    filters: list[FilterSpec] = Field(default_factory=list, description="filter: filters in order.")
+    training: TrainingSpec | None = Field(None, description="train: how to train.")
+    evaluation: EvaluationSpec | None = Field(None, description="evaluate: how to evaluate.")
+    augment: AugmentSpec | None = Field(None, description="augment: how to augment.")
+
+    @model_validator(mode="after")
+    def _has_what_the_stage_needs(self) -> "StageTask":
+        inputs, sections = _NEEDS[self.stage]
+        for name in inputs:
+            if not getattr(self.inputs, name):
+                raise ValueError(f"inputs.{name}: is required for the {self.stage.value} stage")
+        for name in sections:
+            if not getattr(self, name):
+                raise ValueError(f"{name}: is required for the {self.stage.value} stage")
+        return self
+
+    def digest(self) -> str:
+        """Identity of the work, recorded in `_SUCCESS`: the same task re-run is skipped, a
+        different task must not reuse the directory. The attempt number is not part of it."""
+        body = self.wire()
+        body.pop("attempt", None)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+    def uri(self, name: str) -> str:
+        """URI of an output file of this stage."""
+        return self.output.rstrip("/") + "/" + name
+
+
+Metric = float | int | str | bool
+
+
+class StageResult(WireModel):
+    api_version: Literal["selfimprove.dev/v1alpha1"] = Field(API_VERSION, description="Contract version.")
+    kind: Literal["StageResult"] = Field("StageResult", description="Always StageResult.")
+    stage: StageName = Field(..., description="The stage that ran.")
+    round: int = Field(..., ge=0, description="Its round.")
+    status: Literal["Succeeded", "Failed"] = Field(..., description="Outcome.")
+    reason: str | None = Field(
+        None, description="Machine-readable reason when it failed: BadInput, StorageError, Error."
+    )
+    message: str | None = Field(None, description="Human-readable message; names the field or file:line.")
+    skipped: bool = Field(False, description="True when the output was already complete.")
+    metrics: dict[str, Metric] = Field(default_factory=dict, description="Headline metrics.")
+    outputs: dict[str, str] = Field(default_factory=dict, description="Named output URIs.")
+    started_at: str | None = Field(None, description="RFC 3339 start time.")
+    finished_at: str | None = Field(None, description="RFC 3339 end time.")
+
+    def summary_json(self) -> str:
+        """Compact JSON of at most SUMMARY_LIMIT bytes. A long message is shortened (it is the
+        only free text); anything else that does not fit is a bug in the stage, so it raises."""
+        text = self._compact(self)
+        if len(text.encode()) <= SUMMARY_LIMIT:
+            return text
+        if self.message:
+            overflow = len(text.encode()) - SUMMARY_LIMIT
+            room = len(self.message.encode()) - overflow - 16
+            if room > 0:
+                short = self.message.encode()[:room].decode(errors="ignore") + " …[truncated]"
+                text = self._compact(self.model_copy(update={"message": short}))
+                if len(text.encode()) <= SUMMARY_LIMIT:
+                    return text
+        raise ValueError(
+            f"result summary is {len(text.encode())} bytes; the limit is {SUMMARY_LIMIT}"
+            " (move detail to result.json)"
+        )
+
+    @staticmethod
+    def _compact(result: "StageResult") -> str:
+        return json.dumps(result.wire(), separators=(",", ":"), ensure_ascii=False)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "StageResult":
+        # Fail where the result is built, not later in the control plane.
+        self.summary_json()
+        return self
+
+    @classmethod
+    def parse_summary(cls, text: str) -> "StageResult":
+        return cls.model_validate_json(text)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def full_result(summary: StageResult, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Body of `result.json`: the summary plus everything too large for it."""
+    return {"summary": summary.wire(), "details": details or {}}

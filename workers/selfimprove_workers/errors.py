@@ -1,0 +1,34 @@
+"""Error classes shared by every stage.
+
+The split matters at the process boundary: a `BadInput` is the user's to fix (exit code 2, the
+control plane does not retry it), anything else is treated as transient (exit code 1, retried).
+"""
+
+
+class SelfImproveError(Exception):
+    """Base class of the errors selfimprove raises on purpose."""
+
+
+class BadInput(SelfImproveError):
+    """Permanent: a bad task, manifest field or data line. The message names the field or file:line."""
+
+
+class DataError(BadInput):
+    """A malformed data file; the message starts with `file:line:`."""
+
+
+class StorageError(SelfImproveError):
+    """Storage could not be read or written (transient unless it is also a BadInput)."""
+
+
+class NotFoundError(StorageError, BadInput):
+    """A URI the task names does not exist: permanent, the user has to fix the reference."""
+
+
+class CorruptObjectError(StorageError):
+    """A committed object does not match the size or sha256 its `_SUCCESS` marker recorded."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason

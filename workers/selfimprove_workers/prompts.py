@@ -1,0 +1,118 @@
+"""Prompt formats shared by sampling, training and evaluation.
+
+One module renders every prompt so that what the model is trained on in round r is exactly what
+it is asked in round r+1. LMSI's four mixed formats:
+
+    fewShotCot      exemplars with reasoning, then the question → reasoning + "The answer is X."
+    fewShotDirect   exemplars without reasoning, then the question → "The answer is X."
+    zeroShotCot     the question + "Let's think step by step." → reasoning + "The answer is X."
+    zeroShotDirect  the question alone → "The answer is X."
+
+Plain text layout (`Question: …\\nAnswer:`); with `chatTemplate` and a tokenizer that has a chat
+template, the same text becomes the user turn and the answer the assistant turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .spec import FewShotExample, PromptFormat, TaskSpec
+
+COT_TRIGGER = "Let's think step by step."
+
+
+def answer_sentence(answer: str) -> str:
+    return f"The answer is {answer}."
+
+
+def cot_completion(rationale: str | None, answer: str) -> str:
+    """The canonical reasoning completion: rationale, then the answer sentence."""
+    rationale = (rationale or "").strip()
+    return f"{rationale}\n{answer_sentence(answer)}" if rationale else answer_sentence(answer)
+
+
+def _is_cot(fmt: PromptFormat) -> bool:
+    return fmt.endswith("Cot")
+
+
+def _is_few_shot(fmt: PromptFormat) -> bool:
+    return fmt.startswith("fewShot")
+
+
+def _block(question: str, fmt: PromptFormat) -> str:
+    lead = f" {COT_TRIGGER}" if fmt == "zeroShotCot" else ""
+    return f"Question: {question.strip()}\nAnswer:{lead}"
+
+
+def render_user_text(task: TaskSpec, question: str, fmt: PromptFormat, exemplars: Sequence[FewShotExample] = ()) -> str:
+    """The prompt text before any chat template."""
+    parts: list[str] = []
+    if task.instruction:
+        parts.append(task.instruction.strip())
+    if _is_few_shot(fmt):
+        shots = list(exemplars) or list(task.few_shot)
+        for ex in shots:
+            body = cot_completion(ex.rationale, ex.answer) if _is_cot(fmt) else answer_sentence(ex.answer)
+            parts.append(f"{_block(ex.question, 'fewShotCot' if _is_cot(fmt) else 'fewShotDirect')} {body}")
+    parts.append(_block(question, fmt))
+    return "\n\n".join(parts)
+
+
+def render_prompt(
+    task: TaskSpec,
+    question: str,
+    fmt: PromptFormat = "fewShotCot",
+    tokenizer: Any = None,
+    exemplars: Sequence[FewShotExample] = (),
+) -> str:
+    """The full prompt a model sees. Completions are generated (or trained) right after it."""
+    text = render_user_text(task, question, fmt, exemplars)
+    if task.chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+def render_target(fmt: PromptFormat, cot: str | None, answer: str) -> str:
+    """The training completion for a prompt of format `fmt` (leading space: it follows `Answer:`).
+
+    `cot` is a full reasoning completion (a sampled path, or `cot_completion` of a labeled
+    rationale); direct formats use the answer sentence alone.
+    """
+    if _is_cot(fmt):
+        body = cot.strip() if cot else answer_sentence(answer)
+    else:
+        body = answer_sentence(answer)
+    return " " + body
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """A training example in the pipeline's one shape, whatever file it came from."""
+
+    id: str
+    question: str
+    cot: str
+    answer: str
+
+
+def training_row(obj: dict[str, Any], where: str) -> TrainingRow:
+    """Read a row of `kept.jsonl` (`question`, `cot`, `answer`) or of a labeled set (`question`,
+    `answer` with GSM8K's `rationale #### N`). Raises DataError naming `where` (file:line)."""
+    from .data import parse_example
+    from .errors import DataError
+
+    if isinstance(obj.get("cot"), str):
+        question, answer = obj.get("question"), obj.get("answer")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where}: missing \"question\"")
+        if answer is None or str(answer).strip() == "":
+            raise DataError(f"{where}: missing \"answer\"")
+        ex = parse_example({"question": question, "id": obj.get("id")} if obj.get("id") is not None else {"question": question}, where)
+        return TrainingRow(ex.id, question, obj["cot"], str(answer).strip())
+    ex = parse_example(obj, where)
+    if ex.final is None:
+        raise DataError(f"{where}: missing \"answer\" (training needs labeled examples)")
+    return TrainingRow(ex.id, ex.question, cot_completion(ex.rationale, ex.final), ex.final)

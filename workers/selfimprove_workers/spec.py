@@ -1,0 +1,299 @@
+"""Parameter models shared by the API (`SelfImproveRun.spec`) and the stage tasks.
+
+They live on the workers' side of the contract because a stage validates exactly what it is
+given; the control plane imports them to build its CRD schema and the tasks it hands out, so the
+two can never drift apart. Field names are camelCase on the wire (Kubernetes convention) and
+snake_case in Python.
+
+A field left as `None` here is filled from the strategy preset (see
+`selfimprove_operator.presets`); the description says so, and the generated CRD carries no default
+for it, because an API-server default would hide the preset.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class WireModel(BaseModel):
+    """Base of every contract model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def wire(self) -> dict:
+        """The JSON-ready form used in manifests, task files and status."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+# Bounded so the CRD's CEL rules (immutability compares these) stay within the cost budget.
+Uri = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+# --------------------------------------------------------------------------- the task itself
+class AnswerSpec(WireModel):
+    type: Literal["number", "choice", "regex"] = Field(
+        "number",
+        description="How the final answer is extracted from a reasoning path: `number` (GSM8K "
+        "`#### 42`, `The answer is 42`, else the last number), `choice` (a letter A-E) or "
+        "`regex` (the first capture group of `pattern`).",
+    )
+    pattern: str | None = Field(
+        None, description="Regular expression for `type: regex`; its first group is the answer."
+    )
+    choices: str = Field(
+        "ABCDE", min_length=2, max_length=26, description="Letters allowed for `type: choice`."
+    )
+
+    @model_validator(mode="after")
+    def _pattern_matches_type(self) -> "AnswerSpec":
+        if self.type == "regex":
+            if not self.pattern:
+                raise ValueError("pattern: is required when type is regex")
+            try:
+                compiled = re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern: not a valid regular expression: {exc}") from None
+            if compiled.groups < 1:
+                raise ValueError("pattern: needs one capture group holding the answer")
+        return self
+
+
+class FewShotExample(WireModel):
+    question: str = Field(..., min_length=1, description="The exemplar's question.")
+    rationale: str = Field(
+        "", description="Worked reasoning shown in chain-of-thought prompts (empty for direct)."
+    )
+    answer: str = Field(..., min_length=1, description="The exemplar's final answer.")
+
+
+class TaskSpec(WireModel):
+    answer: AnswerSpec = Field(
+        default_factory=AnswerSpec, description="Answer type and extraction rule."
+    )
+    few_shot: list[FewShotExample] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Chain-of-thought exemplars placed before each question in few-shot prompts.",
+    )
+    few_shot_file: Uri | None = Field(
+        None,
+        description="JSONL of exemplars (`question`, `rationale`, `answer`) used in addition to "
+        "`fewShot`; a URI (s3://, file://) or a path.",
+    )
+    instruction: str | None = Field(
+        None, description="Optional instruction placed before the exemplars and the question."
+    )
+    chat_template: bool = Field(
+        True,
+        description="Wrap prompts in the tokenizer's chat template when the tokenizer has one.",
+    )
+
+
+# --------------------------------------------------------------------------- sampling
+class SamplingSpec(WireModel):
+    paths: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Reasoning paths sampled per question (N). Preset: lmsi 32, iwsi 15.",
+    )
+    temperature: float | None = Field(
+        None,
+        ge=0.0,
+        le=5.0,
+        description="Sampling temperature (T > 0 for diverse paths). Preset: lmsi 0.7, iwsi 1.1.",
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
+    max_tokens: int = Field(512, ge=1, le=32768, description="Generated tokens per path, at most.")
+    seed: int = Field(0, ge=0, description="Sampling seed; a round's seed is this plus the round.")
+
+
+# --------------------------------------------------------------------------- filters
+class ConsistencyFilter(WireModel):
+    min_confidence: Probability = Field(
+        0.9,
+        description="Keep a question when count(majority answer) / N is at least this; every "
+        "path agreeing with the majority is kept (LMSI).",
+    )
+
+
+class EntropyFilter(WireModel):
+    max: Probability = Field(
+        0.3,
+        description="Keep a question when its answer entropy, normalized by ln(N), is at most "
+        "this (MoT, IWSI's baseline).",
+    )
+
+
+class DistributionShiftFilter(WireModel):
+    keep: Fraction = Field(
+        0.8,
+        description="Fraction k of candidates kept by IWSI's distribution-shift weight: the "
+        "threshold is the sorted DS value at index floor(k*n) and candidates below it are kept.",
+    )
+
+
+class JudgeFilter(WireModel):
+    min_score: float = Field(
+        4.5, ge=0.0, le=5.0, description="Keep samples an LLM judge rates at least this (0-5)."
+    )
+    model: str | None = Field(
+        None, description="Judge model; defaults to `model.teacher`, then to `model.base`."
+    )
+    max_tokens: int = Field(64, ge=1, le=4096, description="Tokens the judge may write.")
+
+
+class SelfFilter(WireModel):
+    keep: Fraction = Field(
+        0.5, description="Fraction of samples kept, ranked by the model's own 0-10 rating."
+    )
+    max_tokens: int = Field(32, ge=1, le=4096, description="Tokens the model may write.")
+
+
+class DiversityFilter(WireModel):
+    keep: Fraction = Field(
+        0.5,
+        description="Fraction kept by k-center greedy over mean-pooled, L2-normalized "
+        "last hidden states of the base model (LTD).",
+    )
+
+
+FILTER_KINDS = ("consistency", "entropy", "distributionShift", "judge", "self", "diversity")
+
+
+class FilterSpec(WireModel):
+    """Exactly one of the fields is set: `- consistency: {minConfidence: 0.9}`."""
+
+    consistency: ConsistencyFilter | None = Field(
+        None, description="Self-consistency filter (LMSI)."
+    )
+    entropy: EntropyFilter | None = Field(None, description="Answer-entropy filter (MoT).")
+    distribution_shift: DistributionShiftFilter | None = Field(
+        None, description="Distribution-shift filter (IWSI); needs `data.validation`."
+    )
+    judge: JudgeFilter | None = Field(None, description="LLM-judge filter (AlpaGasus).")
+    self_: SelfFilter | None = Field(
+        None, alias="self", description="Self-evaluation filter (the model rates itself)."
+    )
+    diversity: DiversityFilter | None = Field(None, description="Coreset filter (LTD).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "FilterSpec":
+        if len(self.kinds()) != 1:
+            raise ValueError(f"set exactly one of {', '.join(FILTER_KINDS)}")
+        return self
+
+    def kinds(self) -> list[str]:
+        return [k for k in FILTER_KINDS if self.wire().get(k) is not None]
+
+    @property
+    def kind(self) -> str:
+        return self.kinds()[0]
+
+    @property
+    def params(self) -> WireModel:
+        return getattr(self, {"distributionShift": "distribution_shift", "self": "self_"}.get(self.kind, self.kind))
+
+
+# --------------------------------------------------------------------------- training
+PromptFormat = Literal["fewShotCot", "fewShotDirect", "zeroShotCot", "zeroShotDirect"]
+LMSI_FORMATS: tuple[PromptFormat, ...] = ("fewShotCot", "fewShotDirect", "zeroShotCot", "zeroShotDirect")
+
+
+class LoraSpec(WireModel):
+    r: int | None = Field(None, ge=1, le=1024, description="LoRA rank. Preset: lmsi 16, iwsi 64, llm2llm 16.")
+    alpha: int | None = Field(None, ge=1, le=4096, description="LoRA alpha. Preset: lmsi 32, iwsi 16, llm2llm 32.")
+    dropout: Probability = Field(0.05, description="LoRA dropout.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Module names adapted. Preset: lmsi/llm2llm q,k,v,o projections; "
+        "iwsi q_proj, v_proj, gate_proj, up_proj, down_proj.",
+    )
+
+
+class TrainingSpec(WireModel):
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter shape.")
+    epochs: int | None = Field(None, ge=1, le=100, description="Epochs per round. Preset: lmsi 3, iwsi 4, llm2llm 3.")
+    learning_rate: float | None = Field(
+        None, gt=0.0, le=1.0, description="Peak learning rate. Preset: lmsi 2e-4, iwsi 3e-4, llm2llm 2e-5."
+    )
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: Probability = Field(0.03, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Steps accumulated per update.")
+    max_length: int = Field(1024, ge=16, le=131072, description="Tokens per training sequence, at most.")
+    formats: list[PromptFormat] = Field(
+        default_factory=lambda: list(LMSI_FORMATS),
+        min_length=1,
+        description="Prompt formats each example is rendered in (LMSI's mixed formats): "
+        "fewShotCot, fewShotDirect, zeroShotCot, zeroShotDirect.",
+    )
+    from_: Literal["base", "previous"] = Field(
+        "base",
+        alias="from",
+        description="Start each round's adapter fresh from the base model (LLM2LLM found this "
+        "better) or continue the previous round's adapter.",
+    )
+    group_by_length: bool = Field(True, description="Batch sequences of similar length together.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    seed: int = Field(42, ge=0, description="Training seed (data order, adapter init).")
+
+
+# --------------------------------------------------------------------------- evaluation, augmentation
+class EvaluationSpec(WireModel):
+    max_tokens: int = Field(512, ge=1, le=32768, description="Tokens generated per evaluation answer.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N examples.")
+    format: PromptFormat = Field("fewShotCot", description="Prompt format used for evaluation.")
+
+
+class AugmentSpec(WireModel):
+    per_example: int = Field(
+        1, ge=1, le=64, description="New examples the teacher writes per wrong seed example (k)."
+    )
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="Teacher sampling temperature.")
+    max_tokens: int = Field(1024, ge=1, le=32768, description="Tokens the teacher may write per request.")
+    rouge_threshold: Probability = Field(
+        0.95, description="Drop a new question whose ROUGE-L against an existing one exceeds this."
+    )
+    retries: int = Field(1, ge=0, le=10, description="Extra requests for examples lost to filtering.")
+
+
+# --------------------------------------------------------------------------- engine
+class EngineSpec(WireModel):
+    kind: Literal["vllm", "transformers"] = Field(
+        "vllm", description="Inference engine: vLLM, or plain transformers where vLLM is absent."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations dtype (auto: bf16 on GPU, fp32 on CPU)."
+    )
+    max_model_len: int | None = Field(None, ge=16, description="Context length the engine reserves.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="vLLM: fraction of accelerator memory it may take."
+    )
+    enforce_eager: bool = Field(False, description="vLLM: skip graph capture / compilation.")
+    max_lora_rank: int = Field(64, ge=1, le=1024, description="vLLM: largest LoRA rank it serves.")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, v: int) -> int:
+        # vLLM only accepts these ranks for max_lora_rank.
+        allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+        if v not in allowed:
+            raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
+        return v
