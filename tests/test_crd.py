@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 import yaml
 
-from selfimprove_operator.api import SelfImproveRunStatus
+from selfimprove_operator.api import Condition, RoundStatus, SelfImproveRunStatus, StageStatus
 from selfimprove_operator.cli import main
 from selfimprove_operator.crd import CRD_PATH, build_crd, render_crd
 from selfimprove_operator.manifest import load_runs
@@ -132,7 +132,7 @@ def test_examples_exist_for_every_strategy():
 def full_status() -> dict:
     """A status with every field filled, as the controller could write it."""
     stage = {
-        "name": "train", "state": "Failed", "attempts": 2, "job": "run-r001-train-a2",
+        "name": "train", "state": "Failed", "attempts": 2, "failures": 2, "job": "run-r001-train-a2",
         "output": "s3://b/runs/ns/run-abc/round-001/train/", "startTime": "2026-01-01T00:00:00Z",
         "completionTime": "2026-01-01T01:00:00Z", "retryAfter": "2026-01-01T01:01:00Z",
         "reason": "OOMKilled", "message": "container ran out of memory", "exitCode": 137,
@@ -158,8 +158,13 @@ def full_status() -> dict:
 def test_full_status_validates_against_status_schema(schema):
     status = full_status()
     # Every field the models know is present: otherwise the test would not guard against pruning.
-    model_fields = {f.alias or n for n, f in SelfImproveRunStatus.model_fields.items()}
-    assert model_fields == set(status)
+    def names(model):
+        return {f.alias or n for n, f in model.model_fields.items()}
+
+    assert names(SelfImproveRunStatus) == set(status)
+    assert names(RoundStatus) == set(status["rounds"][0])
+    assert names(StageStatus) == set(status["rounds"][0]["stages"][0])
+    assert names(Condition) == set(status["conditions"][0])
     SelfImproveRunStatus.model_validate(status)
     validator = jsonschema.Draft202012Validator(to_jsonschema(schema["properties"]["status"]))
     errors = list(validator.iter_errors(status))

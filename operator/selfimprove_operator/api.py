@@ -233,6 +233,7 @@ class StageStatus(WireModel):
     name: Literal["sample", "filter", "augment", "train", "evaluate"] = Field(..., description="Stage.")
     state: StageState = Field("Pending", description="Pending, Running, Succeeded, Failed or Skipped.")
     attempts: int = Field(0, ge=0, description="Attempts started.")
+    failures: int = Field(0, ge=0, description="Attempts that failed (suspensions do not count).")
     job: str | None = Field(None, description="Job (or local process) of the latest attempt.")
     output: str | None = Field(None, description="Storage prefix of the stage's artifacts.")
     start_time: str | None = Field(None, description="Start of the latest attempt.")

@@ -33,6 +33,19 @@ SUMMARY_LIMIT = 4096
 RESULT_FILE = "result.json"
 
 
+class OutputName:
+    """File names a stage writes under its output prefix; the planner wires the next stage's
+    inputs from them, so both sides use these constants."""
+
+    SAMPLES = "samples.jsonl"
+    VOTES = "votes.jsonl"
+    KEPT = "kept.jsonl"
+    ADAPTER = "adapter/"
+    PREDICTIONS = "predictions.jsonl"
+    SEED_PREDICTIONS = "seed_predictions.jsonl"
+    AUGMENTED = "augmented.jsonl"
+
+
 class StageName(str, Enum):
     sample = "sample"
     filter = "filter"

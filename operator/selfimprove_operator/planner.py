@@ -1,0 +1,492 @@
+"""The planner: (spec, status, observed stages, now) → (new status, actions).
+
+Pure: no I/O and no clock (time is an argument), so both executors — kopf on Kubernetes and the
+local process runner — behave the same and every transition is unit-testable. An executor's loop
+is: observe its stage attempts, call `plan`, carry out the actions, persist the status.
+
+The status is the planner's memory. A stage attempt is started exactly once: `StartStage` is
+only emitted together with a status in which that attempt is recorded as Running, and the
+executor persists the status with the action. Observations of older attempts are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+from selfimprove_workers.contract import (
+    OutputName,
+    RunRef,
+    StageInputs,
+    StageName,
+    StageResult,
+    StageTask,
+    StorageRef,
+    ModelRef,
+)
+
+from .api import STAGE_PHASE, Condition, RoundStatus, SelfImproveRunSpec, SelfImproveRunStatus, StageStatus
+from .presets import resolve, stages_of_round
+
+# Reasons that no retry can fix: the user has to change something.
+PERMANENT_REASONS = {"BadInput", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError"}
+EXIT_BAD_INPUT = 2
+
+
+# =========================================================================== inputs and outputs
+@dataclass(frozen=True)
+class Observed:
+    """What an executor saw of one stage attempt."""
+
+    attempt: int
+    state: Literal["pending", "running", "succeeded", "failed", "missing"]
+    result: StageResult | None = None       # the summary (succeeded, and failed when written)
+    exit_code: int | None = None
+    reason: str | None = None               # OOMKilled, DeadlineExceeded, ImagePullBackOff, …
+    message: str | None = None
+    progress: str | None = None             # "N/M" of a running attempt
+
+    @property
+    def permanent(self) -> bool:
+        if self.exit_code == EXIT_BAD_INPUT:
+            return True
+        reason = self.reason or (self.result.reason if self.result else None)
+        return reason in PERMANENT_REASONS
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 1
+
+
+@dataclass(frozen=True)
+class StartStage:
+    round: int
+    stage: str
+    attempt: int
+    job_name: str
+    task: StageTask
+
+
+@dataclass(frozen=True)
+class SuspendStage:
+    """Stop a running attempt because the run is suspended (it resumes from its checkpoint)."""
+
+    round: int
+    stage: str
+    attempt: int
+    job_name: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+Action = StartStage | SuspendStage | Event
+
+
+@dataclass
+class Plan:
+    status: SelfImproveRunStatus
+    actions: list[Action] = field(default_factory=list)
+    requeue_after: float | None = None      # seconds until the planner wants to look again
+
+    @property
+    def starts(self) -> list[StartStage]:
+        return [a for a in self.actions if isinstance(a, StartStage)]
+
+
+# =========================================================================== helpers
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def immutable_digest(spec: SelfImproveRunSpec) -> str:
+    body = {k: spec.wire()[k] for k in ("strategy", "model", "data")}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def run_prefix(spec: SelfImproveRunSpec, run: RunIdentity) -> str:
+    """`<storage.uri>/<namespace>/<run>-<uid prefix>/`: a recreated run with the same name gets
+    a fresh directory, so it never mistakes the old run's outputs for its own."""
+    base = spec.storage.uri.rstrip("/")
+    leaf = f"{run.name}-{run.uid[:8]}" if run.uid else run.name
+    return f"{base}/{run.namespace}/{leaf}/"
+
+
+def stage_prefix(prefix: str, round_no: int, stage: str) -> str:
+    return f"{prefix}round-{round_no:03d}/{stage}/"
+
+
+def job_name(run: str, round_no: int, stage: str, attempt: int) -> str:
+    name = f"{run}-r{round_no}-{stage}"
+    return name if attempt <= 1 else f"{name}-a{attempt}"
+
+
+def set_condition(status: SelfImproveRunStatus, type_: str, value: bool, reason: str, message: str, now: datetime, generation: int) -> None:
+    text = "True" if value else "False"
+    for i, cond in enumerate(status.conditions):
+        if cond.type == type_:
+            changed = cond.status != text
+            status.conditions[i] = Condition(
+                type=type_, status=text, reason=reason, message=message,
+                last_transition_time=rfc3339(now) if changed else cond.last_transition_time,
+                observed_generation=generation,
+            )
+            return
+    status.conditions.append(Condition(
+        type=type_, status=text, reason=reason, message=message,
+        last_transition_time=rfc3339(now), observed_generation=generation,
+    ))
+
+
+def condition(status: SelfImproveRunStatus, type_: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+def is_terminal(status: SelfImproveRunStatus) -> bool:
+    return status.phase in ("Succeeded", "Failed")
+
+
+def new_round(strategy: str, round_no: int, now: datetime) -> RoundStatus:
+    return RoundStatus(
+        round=round_no,
+        stages=[StageStatus(name=s) for s in stages_of_round(strategy, round_no)],
+        start_time=rfc3339(now),
+    )
+
+
+# =========================================================================== tasks
+def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunIdentity, round_no: int, stage: str, attempt: int) -> StageTask:
+    """The exact task a stage gets, on Kubernetes and locally alike. `spec` is resolved."""
+    prefix = run_prefix(spec, run)
+    out = lambda r, s, name: stage_prefix(prefix, r, s) + name  # noqa: E731
+
+    previous_adapter = None
+    for past in reversed(status.rounds):
+        if past.round < round_no and past.adapter:
+            previous_adapter = past.adapter
+            break
+    this_round = next((r for r in status.rounds if r.round == round_no), None)
+
+    inputs = StageInputs()
+    adapter = None
+    if stage == "sample":
+        inputs = StageInputs(questions=spec.data.questions)
+        adapter = previous_adapter      # LMSI: the previous round's model samples the next round
+    elif stage == "filter":
+        inputs = StageInputs(
+            samples=out(round_no, "sample", OutputName.SAMPLES),
+            votes=out(round_no, "sample", OutputName.VOTES),
+            validation=spec.data.validation,
+        )
+    elif stage == "train":
+        if spec.strategy == "llm2llm":
+            # LLM2LLM: seed ∪ everything augmented so far, always from the base model.
+            augmented = [out(r.round, "augment", OutputName.AUGMENTED) for r in status.rounds
+                         if 0 < r.round < round_no and any(s.name == "augment" and s.state == "Succeeded" for s in r.stages)]
+            inputs = StageInputs(train=[spec.data.seed, *augmented])
+        else:
+            inputs = StageInputs(train=[out(round_no, "filter", OutputName.KEPT)])
+        adapter = previous_adapter if spec.training.from_ == "previous" else None
+    elif stage == "evaluate":
+        inputs = StageInputs(evaluation=spec.data.evaluation, seed=spec.data.seed if spec.strategy == "llm2llm" else None)
+        adapter = this_round.adapter if this_round and round_no > 0 else None
+    elif stage == "augment":
+        existing = [spec.data.seed] + [out(r.round, "augment", OutputName.AUGMENTED) for r in status.rounds
+                                       if 0 < r.round < round_no and any(s.name == "augment" and s.state == "Succeeded" for s in r.stages)]
+        inputs = StageInputs(
+            predictions=out(round_no, "evaluate", OutputName.SEED_PREDICTIONS),
+            seed=spec.data.seed,
+            existing=existing,
+        )
+
+    sampling = spec.sampling.model_copy(update={"seed": spec.sampling.seed + round_no}) if stage == "sample" else None
+    return StageTask(
+        run=RunRef(name=run.name, namespace=run.namespace, uid=run.uid),
+        round=round_no,
+        stage=StageName(stage),
+        attempt=attempt,
+        output=stage_prefix(prefix, round_no, stage),
+        storage=StorageRef(endpoint=spec.storage.endpoint, region=spec.storage.region),
+        model=ModelRef(base=spec.model.base, adapter=adapter, teacher=spec.model.teacher,
+                       judge=next((f.judge.model for f in spec.filters or [] if f.judge and f.judge.model), None)),
+        engine=spec.engine,
+        gpus=spec.resources.gpus,
+        inputs=inputs,
+        task=spec.task,
+        sampling=sampling,
+        filters=list(spec.filters or []) if stage == "filter" else [],
+        training=spec.training if stage == "train" else None,
+        evaluation=spec.evaluation if stage == "evaluate" else None,
+        augment=spec.augment if stage == "augment" else None,
+    )
+
+
+# =========================================================================== results
+def record_result(round_status: RoundStatus, stage: StageStatus, result: StageResult) -> None:
+    m = result.metrics
+    stage.metrics = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
+    if stage.name == "sample":
+        round_status.samples = _int(m.get("paths"))
+        round_status.questions = _int(m.get("questions"))
+        round_status.mean_confidence = _float(m.get("meanConfidence"))
+    elif stage.name == "filter":
+        round_status.kept = _int(m.get("kept"))
+    elif stage.name == "train":
+        round_status.train_loss = _float(m.get("trainLoss"))
+        round_status.adapter = result.outputs.get("adapter")
+    elif stage.name == "evaluate":
+        round_status.accuracy = _float(m.get("accuracy"))
+        round_status.seed_accuracy = _float(m.get("seedAccuracy"))
+    elif stage.name == "augment":
+        round_status.augmented = _int(m.get("augmented"))
+
+
+def _int(v) -> int | None:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _float(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def update_best(status: SelfImproveRunStatus) -> None:
+    """Best = argmax of accuracy over finished evaluations; the earliest round wins ties."""
+    scored = [r for r in status.rounds if r.accuracy is not None]
+    if not scored:
+        return
+    best = max(scored, key=lambda r: (r.accuracy, -r.round))
+    status.best_round, status.best_accuracy = best.round, best.accuracy
+    status.best_adapter = best.adapter if best.round > 0 else None
+
+
+def stop_reason(spec: SelfImproveRunSpec, status: SelfImproveRunStatus) -> tuple[str, str] | None:
+    """Why the run ends after its latest complete round, or None to go on."""
+    last = status.rounds[-1]
+    rounds = spec.rounds
+    if rounds.target_accuracy is not None and last.accuracy is not None and last.accuracy >= rounds.target_accuracy:
+        return "TargetReached", f"round {last.round} reached accuracy {last.accuracy:.4f} ≥ target {rounds.target_accuracy}"
+    if last.round >= (rounds.max or 0):
+        return "MaxRoundsReached", f"finished round {last.round} of {rounds.max}"
+    if rounds.patience > 0 and status.best_round is not None:
+        # Rounds since the best one that did not beat it by min_improvement.
+        best = status.best_accuracy or 0.0
+        stale = [r for r in status.rounds if r.round > status.best_round and r.accuracy is not None
+                 and r.accuracy < best + rounds.min_improvement]
+        if len(stale) >= rounds.patience and last.round > status.best_round:
+            return "NoImprovement", f"no improvement over round {status.best_round} for {len(stale)} round(s)"
+    return None
+
+
+def backoff_seconds(spec: SelfImproveRunSpec, failures: int) -> float:
+    retry = spec.retry
+    return float(min(retry.max_backoff_seconds, retry.backoff_seconds * (2 ** max(0, failures - 1))))
+
+
+# =========================================================================== the planner
+def plan(
+    spec: SelfImproveRunSpec,
+    status: SelfImproveRunStatus | None,
+    observed: dict[tuple[int, str], Observed],
+    now: datetime,
+    run: RunIdentity,
+) -> Plan:
+    status = (status or SelfImproveRunStatus()).model_copy(deep=True)
+    p = Plan(status=status)
+    gen = run.generation
+    spec = resolve(spec)
+
+    # ---- first look: remember what may not change
+    digest = immutable_digest(spec)
+    if status.applied_spec is None:
+        status.applied_spec = digest
+        status.start_time = rfc3339(now)
+        status.artifacts = run_prefix(spec, run)
+        status.rounds = [new_round(spec.strategy, 0, now)]
+        p.actions.append(Event("Normal", "Started", f"{spec.strategy} run started; artifacts under {status.artifacts}"))
+    elif status.applied_spec != digest:
+        msg = "spec.strategy, spec.model and spec.data cannot change after creation; revert them or create a new run"
+        set_condition(status, "Degraded", True, "ImmutableFieldChanged", msg, now, gen)
+        set_condition(status, "Ready", False, "ImmutableFieldChanged", msg, now, gen)
+        if condition(status, "Degraded").last_transition_time == rfc3339(now):
+            p.actions.append(Event("Warning", "ImmutableFieldChanged", msg))
+        status.observed_generation = gen
+        return p
+    elif (c := condition(status, "Degraded")) is not None and c.reason == "ImmutableFieldChanged" and c.status == "True":
+        set_condition(status, "Degraded", False, "SpecRestored", "immutable fields match the run again", now, gen)
+    status.observed_generation = gen
+
+    # ---- finished runs: only a raised rounds.max reopens one (GitOps "extend the run")
+    if status.phase == "Failed":
+        return p
+    if status.phase == "Succeeded":
+        done = condition(status, "Succeeded")
+        if done and done.reason == "MaxRoundsReached" and (spec.rounds.max or 0) > status.rounds[-1].round:
+            nxt = status.rounds[-1].round + 1
+            status.rounds.append(new_round(spec.strategy, nxt, now))
+            status.round = nxt
+            status.completion_time = None
+            set_condition(status, "Succeeded", False, "Extended", f"rounds.max raised to {spec.rounds.max}", now, gen)
+            p.actions.append(Event("Normal", "Extended", f"rounds.max raised to {spec.rounds.max}; continuing with round {nxt}"))
+        else:
+            return p
+
+    # ---- suspend: start nothing, stop what runs; resuming continues where it stopped
+    current = status.rounds[-1]
+    if spec.suspend:
+        for st in current.stages:
+            if st.state == "Running":
+                p.actions.append(SuspendStage(current.round, st.name, st.attempts, st.job or ""))
+                # Resumed later as a new attempt (training continues from its checkpoint);
+                # a suspension is not a failure, so it uses up no retry.
+                st.state = "Pending"
+                st.message = "suspended"
+        if status.phase != "Suspended":
+            p.actions.append(Event("Normal", "Suspended", "run suspended"))
+        status.phase = "Suspended"
+        set_condition(status, "Suspended", True, "Suspended", "spec.suspend is true", now, gen)
+        set_condition(status, "Progressing", False, "Suspended", "spec.suspend is true", now, gen)
+        return p
+    if (c := condition(status, "Suspended")) is not None and c.status == "True":
+        set_condition(status, "Suspended", False, "Resumed", "spec.suspend is false", now, gen)
+        p.actions.append(Event("Normal", "Resumed", "run resumed"))
+
+    # ---- walk the current round's stages in order, as far as observations allow
+    while True:
+        current = status.rounds[-1]
+        stage = next((s for s in current.stages if s.state not in ("Succeeded", "Skipped")), None)
+        if stage is None:
+            if not _finish_round(spec, status, p, now, gen):
+                return p
+            continue
+        if not _advance_stage(spec, status, current, stage, observed.get((current.round, stage.name)), p, now, run):
+            return p
+
+
+def _advance_stage(spec, status, current: RoundStatus, stage: StageStatus, obs: Observed | None, p: Plan, now: datetime, run: RunIdentity) -> bool:
+    """Move one stage forward; True when it succeeded and the walk may go on."""
+    gen = run.generation
+    if stage.state == "Running":
+        if obs is None or obs.attempt != stage.attempts:
+            # Nothing seen yet of this attempt (or only of an older one): the executor reports
+            # `missing` itself once it knows the attempt is gone.
+            return _set_phase(status, stage, p)
+        if obs.state in ("pending", "running"):
+            stage.progress = obs.progress or stage.progress
+            if obs.state == "pending" and obs.reason:
+                # Stuck before running (image pull, unschedulable): visible, not yet failed.
+                stage.reason, stage.message = obs.reason, obs.message
+                set_condition(status, "Degraded", True, obs.reason, f"{stage.name}: {obs.message or obs.reason}", now, gen)
+                if obs.reason in PERMANENT_REASONS:
+                    return _fail_stage(spec, status, stage, obs, p, now, gen)
+            return _set_phase(status, stage, p)
+        if obs.state == "succeeded" and obs.result is not None:
+            stage.state = "Succeeded"
+            stage.completion_time = rfc3339(now)
+            stage.reason = stage.message = stage.exit_code = stage.retry_after = None
+            stage.progress = None
+            record_result(current, stage, obs.result)
+            update_best(status)
+            if (c := condition(status, "Degraded")) is not None and c.status == "True" and c.reason != "ImmutableFieldChanged":
+                set_condition(status, "Degraded", False, "Recovered", f"{stage.name} succeeded", now, gen)
+            p.actions.append(Event("Normal", "StageSucceeded", f"round {current.round} {stage.name} succeeded"
+                                   + (" (already complete)" if obs.result.skipped else "")))
+            return True
+        # failed, missing, or "succeeded" without a readable result
+        if obs.state == "missing":
+            obs = Observed(attempt=obs.attempt, state="failed", reason="Lost", message=f"{stage.job or stage.name} disappeared before finishing")
+        elif obs.state == "succeeded":
+            obs = Observed(attempt=obs.attempt, state="failed", reason="NoResult", message="the stage exited 0 without a result summary")
+        return _fail_stage(spec, status, stage, obs, p, now, gen)
+
+    # Pending: first attempt, a retry after backoff, or after a suspension
+    if stage.state == "Failed":
+        return False
+    if stage.retry_after and parse_time(stage.retry_after) > now:
+        p.requeue_after = max(1.0, (parse_time(stage.retry_after) - now).total_seconds())
+        return _set_phase(status, stage, p)
+    attempt = stage.attempts + 1
+    name = job_name(run.name, current.round, stage.name, attempt)
+    task = build_task(spec, status, run, current.round, stage.name, attempt)
+    stage.state, stage.attempts, stage.job = "Running", attempt, name
+    stage.output = task.output
+    stage.start_time = rfc3339(now)
+    stage.retry_after = None
+    stage.progress = None
+    status.round = current.round
+    p.actions.append(StartStage(current.round, stage.name, attempt, name, task))
+    set_condition(status, "Progressing", True, "StageRunning", f"round {current.round}: {stage.name} (attempt {attempt})", now, gen)
+    set_condition(status, "Ready", True, "Running", "the run is progressing", now, gen)
+    return _set_phase(status, stage, p)
+
+
+def _set_phase(status: SelfImproveRunStatus, stage: StageStatus, p: Plan) -> bool:
+    status.phase = STAGE_PHASE[stage.name]
+    status.message = f"round {status.rounds[-1].round}: {stage.name}"
+    return False
+
+
+def _fail_stage(spec, status, stage: StageStatus, obs: Observed, p: Plan, now: datetime, gen: int) -> bool:
+    reason = obs.reason or (obs.result.reason if obs.result else None) or (f"ExitCode{obs.exit_code}" if obs.exit_code is not None else "Failed")
+    message = (obs.result.message if obs.result and obs.result.message else None) or obs.message or reason
+    stage.reason, stage.message, stage.exit_code = reason, message, obs.exit_code
+    stage.completion_time = rfc3339(now)
+    stage.failures += 1
+    retries_used = stage.failures - 1
+    where = f"round {status.rounds[-1].round} {stage.name}"
+    if not obs.permanent and retries_used < spec.retry.limit:
+        delay = backoff_seconds(spec, stage.failures)
+        stage.state = "Pending"
+        stage.retry_after = rfc3339(now + timedelta(seconds=delay))
+        p.requeue_after = max(1.0, delay)
+        set_condition(status, "Degraded", True, reason, f"{where} failed ({message}); retry {retries_used + 1} of {spec.retry.limit} in {delay:.0f}s", now, gen)
+        p.actions.append(Event("Warning", "StageRetrying", f"{where} attempt {stage.attempts} failed: {reason}: {message}"))
+        return _set_phase(status, stage, p)
+    stage.state = "Failed"
+    status.phase = "Failed"
+    status.completion_time = rfc3339(now)
+    why = "permanent" if obs.permanent else f"after {stage.attempts} attempt(s)"
+    status.message = f"{where} failed ({why}): {message}"
+    set_condition(status, "Failed", True, reason, status.message, now, gen)
+    set_condition(status, "Ready", False, reason, status.message, now, gen)
+    set_condition(status, "Progressing", False, "Failed", status.message, now, gen)
+    p.actions.append(Event("Warning", "StageFailed", status.message))
+    return False
+
+
+def _finish_round(spec, status: SelfImproveRunStatus, p: Plan, now: datetime, gen: int) -> bool:
+    """Close the current round; True when a next round was opened."""
+    current = status.rounds[-1]
+    current.completion_time = current.completion_time or rfc3339(now)
+    update_best(status)
+    acc = f"{current.accuracy:.4f}" if current.accuracy is not None else "n/a"
+    p.actions.append(Event("Normal", "RoundCompleted", f"round {current.round} accuracy {acc}; best round {status.best_round}"))
+    stop = stop_reason(spec, status)
+    if stop is not None:
+        reason, message = stop
+        status.phase = "Succeeded"
+        status.completion_time = rfc3339(now)
+        status.message = message
+        set_condition(status, "Succeeded", True, reason, message, now, gen)
+        set_condition(status, "Progressing", False, reason, message, now, gen)
+        set_condition(status, "Ready", True, reason, f"best round {status.best_round}, accuracy {status.best_accuracy}", now, gen)
+        p.actions.append(Event("Normal", "Succeeded", message))
+        return False
+    nxt = current.round + 1
+    status.rounds.append(new_round(spec.strategy, nxt, now))
+    status.round = nxt
+    return True
