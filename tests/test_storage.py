@@ -353,7 +353,7 @@ _json_values = st_h.recursive(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st_h.lists(st_h.dictionaries(st_h.text(), _json_values, max_size=4), max_size=8))
 def test_jsonl_round_trip_property(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
-    # Any text, including newlines, U+2028 and lone surrogates' neighbours, survives one-row-per-line.
+    # Any text (newlines, U+2028, non-ASCII) must survive the one-row-per-line encoding.
     s = FileStorage()
     uri = str(tmp_path / "prop.jsonl")
     entry = write_jsonl(s, uri, rows)

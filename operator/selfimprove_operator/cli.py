@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -44,6 +45,96 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_one(file: str):
+    from .manifest import ManifestInvalid, load_runs
+
+    try:
+        runs = load_runs(file)
+    except ManifestInvalid as exc:
+        for err in exc.errors:
+            print(err, file=sys.stderr)
+        return None
+    if len(runs) != 1:
+        print(f"{file}: holds {len(runs)} runs; `selfimprove run` takes a file with one", file=sys.stderr)
+        return None
+    return runs[0]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from .local import LocalExecutor, local_run
+    from .view import live_view, summary
+
+    run = _load_one(args.file)
+    if run is None:
+        return 2  # nothing ran: the manifest is invalid
+    run = local_run(run, args.storage)
+    console = Console(stderr=False)
+    events: list[str] = []
+    stop = threading.Event()
+    live = Live(console=console, refresh_per_second=4, transient=False, auto_refresh=console.is_terminal)
+
+    def progress_of(ex) -> dict[str, str]:
+        return {key[1]: sp.progress for key, sp in list(ex.running.items()) if sp.progress}
+
+    def on_update(ex) -> None:
+        if console.is_terminal:
+            live.update(live_view(run.metadata.name, ex.status, progress_of(ex), events))
+
+    def on_event(ev) -> None:
+        line = f"{ev.reason}: {ev.message}"
+        events.append(line)
+        if not console.is_terminal:
+            console.print(line, style="red" if ev.type == "Warning" else None, highlight=False)
+
+    # Ctrl-C: stop the stage cleanly; the next `selfimprove run` resumes.
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    executor = LocalExecutor(
+        run, workdir=Path(args.workdir) if args.workdir else None, on_update=on_update, on_event=on_event,
+        stage_command=shlex.split(args.stage_command) if args.stage_command else None,
+    )
+    console.print(f"artifacts: {executor.store.uri.rsplit('/', 1)[0]}/   stage logs: {executor.workdir}/", highlight=False)
+    with live if console.is_terminal else _nullcontext():
+        status = executor.run_to_end(stop)
+    console.print(summary(status))
+    if stop.is_set():
+        console.print("interrupted: run the same command again to resume", style="yellow")
+        return 130
+    return 0 if status.phase == "Succeeded" else 1
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .local import StatusStore, local_run
+    from .view import summary
+
+    run = _load_one(args.file)
+    if run is None:
+        return 2
+    store = StatusStore(local_run(run, args.storage))
+    status = store.load()
+    if status is None:
+        print(f"{run.metadata.name}: not started (no {store.uri})", file=sys.stderr)
+        return 1
+    Console().print(summary(status))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfimprove",
@@ -59,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="file to write ('-' for stdout); default crds/<name>.yaml")
     p.add_argument("--check", action="store_true", help="fail when the file differs from a fresh generation")
     p.set_defaults(func=_cmd_crd)
+
+    p = sub.add_parser("run", help="run a SelfImproveRun on this machine (resumes when run again)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--storage", help="artifact storage: a directory or s3://bucket/prefix (default ./runs)")
+    p.add_argument("--workdir", help="where task files and stage logs go (default: a temp dir)")
+    p.add_argument("--stage-command", help="command a stage's task file is appended to "
+                   "(default: this Python's `-m selfimprove_workers`)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="print the rounds table of a local run")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--storage", help="the storage the run used (default ./runs)")
+    p.set_defaults(func=_cmd_status)
 
     return parser
 

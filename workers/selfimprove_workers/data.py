@@ -43,8 +43,8 @@ class Example:
 def split_final_answer(text: str) -> tuple[str | None, str]:
     """Split an answer into ``(rationale, final)``.
 
-    ``"Adds 2 and 3.\\n#### 1,005"`` → ``("Adds 2 and 3.", "1005")``. Without ``####`` the rationale
-    is ``None`` and the final answer is the whole (stripped) text. Thousands separators are
+    ``"Adds 2 and 3.\\n#### 1,005"`` → ``("Adds 2 and 3.", "1005")``. Without ``####`` the
+    rationale is ``None`` and the final answer is the whole (stripped) text. Thousands separators are
     removed from the final answer so ``1,000`` and ``1000`` compare equal.
     """
     if _FINAL_MARK in text:

@@ -191,7 +191,8 @@ def _failure(task: StageTask | None, reason: str, message: str) -> StageResult |
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stage_fn: StageFn | None = None) -> int:
+    """The process entrypoint. `stage_fn` replaces the stage's own module (embedding, tests)."""
     argv = sys.argv[1:] if argv is None else argv
     log.setup()
     if len(argv) != 1:
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     task: StageTask | None = None
     try:
         task = load_task(argv[0])
-        result = run_task(task)
+        result = run_task(task, stage_fn)
         write_summary(result)
         return EXIT_OK
     except BadInput as exc:

@@ -232,7 +232,7 @@ def _redact(text: str, extra: Iterable[str | None] = ()) -> str:
 
 
 class Storage(ABC):
-    """Read and write whole objects by URI. Implementations: :class:`FileStorage`, :class:`S3Storage`.
+    """Read and write whole objects by URI: :class:`FileStorage` or :class:`S3Storage`.
 
     Every method takes full URIs. Missing objects raise :class:`NotFoundError`; any other failure
     raises :class:`StorageError` naming the URI (never credentials).
@@ -284,7 +284,7 @@ class Storage(ABC):
 
 
 class FileStorage(Storage):
-    """Local filesystem backend. Writes are atomic: temp file in the same directory, fsync, rename."""
+    """Local filesystem backend. Writes are atomic: temp file in the same dir, fsync, rename."""
 
     def read_bytes(self, uri: str) -> bytes:
         path = _file_path(uri)
@@ -516,7 +516,9 @@ class S3Storage(Storage):
             session = boto3.session.Session(region_name=self.region)
             client = session.client("s3", endpoint_url=self.endpoint, config=config)
             _clients[key] = (client, session)
-            log.debug("created S3 client (endpoint=%s, region=%s)", _redact(str(effective)), self.region)
+            log.debug(
+                "created S3 client (endpoint=%s, region=%s)", _redact(str(effective)), self.region
+            )
             return client, session
 
     @property
@@ -543,10 +545,11 @@ class S3Storage(Storage):
             cause = cause.__cause__ or cause.__context__
 
         if isinstance(cause, ClientError):
-            err = cause.response.get("Error", {}) if isinstance(cause.response, dict) else {}
+            resp = cause.response if isinstance(cause.response, dict) else {}
+            err = resp.get("Error") or {}
             code = str(err.get("Code") or "Unknown")
             message = str(err.get("Message") or "").strip()
-            status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
             if code in _NOT_FOUND_CODES:
                 what = "bucket not found" if code == "NoSuchBucket" else "not found"
                 return NotFoundError(_redact(f"{uri}: {what} ({code})", extra))
@@ -557,7 +560,9 @@ class S3Storage(Storage):
                 text += f": {message}"
             return StorageError(_redact(text, extra))
         if isinstance(cause, NoCredentialsError):
-            return StorageError(f"{op} {uri}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+            return StorageError(
+                f"{op} {uri}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            )
         if isinstance(cause, BotoCoreError):
             endpoint = self._effective_endpoint() or "AWS"
             text = f"{op} {uri}: S3 request failed ({type(cause).__name__}) at endpoint {endpoint}"
@@ -584,7 +589,8 @@ class S3Storage(Storage):
     def open_read(self, uri: str) -> BinaryIO:
         bucket, key = parse_s3_uri(uri)
         resp = self._call("read", uri, self.client.get_object, Bucket=bucket, Key=key)
-        return io.BufferedReader(_S3Reader(self, uri, resp["Body"]), _CHUNK)  # type: ignore[return-value]
+        reader = io.BufferedReader(_S3Reader(self, uri, resp["Body"]), _CHUNK)
+        return reader  # type: ignore[return-value]
 
     def write_bytes(self, uri: str, data: bytes) -> FileEntry:
         bucket, key = parse_s3_uri(uri)
@@ -765,7 +771,9 @@ def write_jsonl(storage: Storage, uri: str, rows: Iterable[dict[str, Any]]) -> F
         with os.fdopen(fd, "wb") as f:
             for row in rows:
                 if not isinstance(row, dict):
-                    raise TypeError(f"write_jsonl({uri}): rows must be dicts, got {type(row).__name__}")
+                    raise TypeError(
+                        f"write_jsonl({uri}): rows must be dicts, got {type(row).__name__}"
+                    )
                 line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
                 h.update(line)
                 f.write(line)
@@ -800,7 +808,8 @@ def upload_dir(
 def download_dir(storage: Storage, prefix: str, local_dir: str | os.PathLike[str]) -> list[str]:
     """Download everything under ``prefix`` into ``local_dir``, mirroring relative paths.
 
-    Returns the relative paths downloaded. Keys that would escape ``local_dir`` (``..``) are refused.
+    Returns the relative paths downloaded. Keys that would escape ``local_dir`` (``..``) are
+    refused.
     """
     prefix = normalize_prefix(prefix)
     root = Path(local_dir)
@@ -884,7 +893,8 @@ class StageWriter:
         self._check_open()
         reserved = {"version", "task", "committedAt", "files"}
         if extra and reserved & extra.keys():
-            raise ValueError(f"extra marker fields may not override {sorted(reserved & extra.keys())}")
+            clash = sorted(reserved & extra.keys())
+            raise ValueError(f"extra marker fields may not override {clash}")
         when = (now or datetime.now(UTC)).astimezone(UTC)
         marker: dict[str, Any] = {
             "version": MARKER_VERSION,

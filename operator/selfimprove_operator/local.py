@@ -1,0 +1,265 @@
+"""The local executor: the planner with stages as local processes.
+
+Each stage runs as `python -m selfimprove_workers TASK.json` with exactly the task a Kubernetes
+Job would get; its summary comes back through the file named by `$TERMINATION_LOG`. The run's
+status is kept next to its artifacts (`<run prefix>/status.json`), so running the same command
+again resumes: completed stages are skipped by the planner (and, should one be asked again, by
+the stage's own `_SUCCESS` check). Ctrl-C stops the running stage and records it as interrupted
+rather than failed, so the next run simply starts it again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from selfimprove_workers.contract import StageResult
+from selfimprove_workers.log import PROGRESS_KEY
+from selfimprove_workers.storage import storage_for
+
+from .api import SelfImproveRun, SelfImproveRunStatus
+from .planner import Event, Observed, Plan, RunIdentity, StartStage, SuspendStage, is_terminal, plan, run_prefix
+from .presets import resolve
+
+STATUS_FILE = "status.json"
+DEFAULT_STORAGE = "./runs"
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM when the runner dies, even by SIGKILL: an orphaned stage must not
+    keep writing into a directory the next run's attempt is about to use."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+@dataclass
+class StageProcess:
+    start: StartStage
+    proc: subprocess.Popen
+    result_file: Path
+    log_file: Path
+    progress: str | None = None
+    last_message: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def local_run(run: SelfImproveRun, storage_uri: str | None) -> SelfImproveRun:
+    """The manifest as the local executor runs it: storage redirected to `--storage` (default
+    ./runs), so a manifest written for a cluster runs unchanged on a laptop."""
+    uri = storage_uri or DEFAULT_STORAGE
+    if "://" not in uri:
+        uri = Path(uri).resolve().as_uri()
+    storage = run.spec.storage.model_copy(update={"uri": uri})
+    return run.model_copy(update={"spec": run.spec.model_copy(update={"storage": storage})})
+
+
+def identity_of(run: SelfImproveRun) -> RunIdentity:
+    return RunIdentity(name=run.metadata.name, namespace=run.metadata.namespace or "local", uid="", generation=1)
+
+
+class StatusStore:
+    """status.json beside the artifacts, through the same storage layer the workers use."""
+
+    def __init__(self, run: SelfImproveRun):
+        self.uri = run_prefix(resolve(run.spec), identity_of(run)) + STATUS_FILE
+        self.storage = storage_for(self.uri, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region)
+
+    def load(self) -> SelfImproveRunStatus | None:
+        if not self.storage.exists(self.uri):
+            return None
+        return SelfImproveRunStatus.model_validate_json(self.storage.read_bytes(self.uri))
+
+    def save(self, status: SelfImproveRunStatus) -> None:
+        self.storage.write_bytes(self.uri, json.dumps(status.wire(), indent=2).encode())
+
+
+class LocalExecutor:
+    def __init__(
+        self,
+        run: SelfImproveRun,
+        *,
+        workdir: Path | None = None,
+        on_update: Callable[["LocalExecutor"], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        poll_seconds: float = 0.2,
+        stage_command: list[str] | None = None,
+    ):
+        self.run = run
+        self.identity = identity_of(run)
+        self.store = StatusStore(run)
+        self.status: SelfImproveRunStatus | None = self.store.load()
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"selfimprove-{run.metadata.name}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.on_update = on_update or (lambda ex: None)
+        self.on_event = on_event or (lambda ev: None)
+        self.poll_seconds = poll_seconds
+        # The command a task file is appended to; another venv or a container runtime fits here.
+        self.stage_command = stage_command or [sys.executable, "-m", "selfimprove_workers"]
+        self.running: dict[tuple[int, str], StageProcess] = {}
+        self.observed: dict[tuple[int, str], Observed] = {}
+        self.lock = threading.Lock()
+        self._adopt_interrupted()
+
+    def _adopt_interrupted(self) -> None:
+        """A stage recorded as Running has no process any more: the previous runner died (kill,
+        crash, power). That is an interruption of the runner, not a failure of the stage, so it
+        is started again as a new attempt, without spending a retry or waiting for a backoff."""
+        if self.status is None:
+            return
+        for r in self.status.rounds:
+            for s in r.stages:
+                if s.state == "Running":
+                    s.state, s.message = "Pending", "interrupted; resumed"
+
+    # ------------------------------------------------------------------ one planning step
+    def step(self) -> Plan:
+        p = plan(self.run.spec, self.status, self.observed, datetime.now(timezone.utc), self.identity)
+        # Persist before acting: an attempt is recorded as started before its process exists,
+        # so a crash between the two can never start the same attempt twice.
+        self.status = p.status
+        self.store.save(self.status)
+        for action in p.actions:
+            if isinstance(action, StartStage):
+                self._start(action)
+            elif isinstance(action, SuspendStage):
+                self._stop((action.round, action.stage))
+            elif isinstance(action, Event):
+                self.on_event(action)
+        self.on_update(self)
+        return p
+
+    def _start(self, start: StartStage) -> None:
+        key = (start.round, start.stage)
+        task_file = self.workdir / f"{start.job_name}.json"
+        task_file.write_text(json.dumps(start.task.wire(), indent=2))
+        result_file = self.workdir / f"{start.job_name}.result.json"
+        result_file.unlink(missing_ok=True)
+        log_file = self.workdir / f"{start.job_name}.log"
+        env = {**os.environ, "TERMINATION_LOG": str(result_file), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [*self.stage_command, str(task_file)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            preexec_fn=_die_with_parent, text=True, bufsize=1,
+        )
+        sp = StageProcess(start, proc, result_file, log_file)
+        self.running[key] = sp
+        self.observed[key] = Observed(attempt=start.attempt, state="running")
+        threading.Thread(target=self._pump, args=(sp,), daemon=True).start()
+
+    def _pump(self, sp: StageProcess) -> None:
+        """Copy the stage's JSON log to its file and pick out progress and metrics."""
+        with open(sp.log_file, "a") as log:
+            for line in sp.proc.stderr:
+                log.write(line)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                with self.lock:
+                    if PROGRESS_KEY in record:
+                        prog = record[PROGRESS_KEY]
+                        sp.progress = f"{prog['done']}/{prog['total']} {prog.get('unit', '')}".strip()
+                    if record.get("metrics"):
+                        sp.metrics.update(record["metrics"])
+                    if record.get("level") in ("warning", "error"):
+                        sp.last_message = record.get("msg")
+                self.on_update(self)
+
+    def _stop(self, key: tuple[int, str]) -> None:
+        sp = self.running.pop(key, None)
+        if sp is None:
+            return
+        sp.proc.terminate()
+        try:
+            sp.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            sp.proc.kill()
+            sp.proc.wait()
+
+    def _collect(self) -> bool:
+        """Turn finished processes into observations; True when something changed."""
+        changed = False
+        for key, sp in list(self.running.items()):
+            code = sp.proc.poll()
+            if code is None:
+                if sp.progress:
+                    self.observed[key] = Observed(attempt=sp.start.attempt, state="running", progress=sp.progress)
+                continue
+            sp.proc.wait()
+            del self.running[key]
+            changed = True
+            result = None
+            if sp.result_file.exists():
+                try:
+                    result = StageResult.parse_summary(sp.result_file.read_text())
+                except ValueError:
+                    result = None
+            if code == 0 and result is not None:
+                self.observed[key] = Observed(attempt=sp.start.attempt, state="succeeded", result=result)
+            else:
+                tail = _tail(sp.log_file)
+                self.observed[key] = Observed(
+                    attempt=sp.start.attempt, state="failed", exit_code=code, result=result,
+                    reason=None if code >= 0 else f"Signal{-code}",
+                    message=(result.message if result and result.message else tail) or f"exit code {code}",
+                )
+        return changed
+
+    # ------------------------------------------------------------------ the loop
+    def run_to_end(self, stop: threading.Event | None = None) -> SelfImproveRunStatus:
+        stop = stop or threading.Event()
+        p = self.step()
+        while not is_terminal(self.status) and self.status.phase != "Suspended":
+            deadline = time.monotonic() + (p.requeue_after if p.requeue_after else 3600)
+            while not stop.is_set() and time.monotonic() < deadline:
+                if self._collect():
+                    break
+                if not self.running and not p.requeue_after and not p.starts:
+                    break  # nothing running and nothing scheduled: plan again now
+                time.sleep(self.poll_seconds)
+            if stop.is_set():
+                self.interrupt()
+                break
+            p = self.step()
+        return self.status
+
+    def interrupt(self) -> None:
+        """Stop running stages and record them as interrupted, not failed (Ctrl-C)."""
+        for key in list(self.running):
+            sp = self.running[key]
+            self._stop(key)
+            for r in self.status.rounds:
+                for s in r.stages:
+                    if (r.round, s.name) == key and s.state == "Running" and s.attempts == sp.start.attempt:
+                        s.state, s.message = "Pending", "interrupted; run the same command to resume"
+        self.status.message = "interrupted; run the same command to resume"
+        self.store.save(self.status)
+
+
+def _tail(path: Path, lines: int = 5) -> str | None:
+    """The last error lines of a stage log, for the status message."""
+    if not path.exists():
+        return None
+    messages = []
+    for line in path.read_text(errors="replace").splitlines()[-200:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("level") in ("error", "critical"):
+            messages.append(record.get("msg", ""))
+    return "; ".join(messages[-lines:]) or None

@@ -1,0 +1,74 @@
+"""Rendering a run for people: the live view of `selfimprove run` and the `status` table."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from .api import SelfImproveRunStatus
+
+STATE_STYLE = {"Succeeded": "green", "Running": "cyan", "Failed": "red", "Pending": "dim", "Skipped": "dim"}
+PHASE_STYLE = {"Succeeded": "bold green", "Failed": "bold red", "Suspended": "yellow"}
+
+
+def _num(v, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def rounds_table(status: SelfImproveRunStatus, title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col, just in (("round", "right"), ("samples", "right"), ("kept", "right"), ("mean conf", "right"),
+                      ("augmented", "right"), ("train loss", "right"), ("accuracy", "right"), ("", "left")):
+        table.add_column(col, justify=just)
+    for r in status.rounds:
+        best = r.round == status.best_round
+        table.add_row(
+            str(r.round), _num(r.samples, "d"), _num(r.kept, "d"), _num(r.mean_confidence, ".3f"),
+            _num(r.augmented, "d"), _num(r.train_loss, ".4f"),
+            _num(r.accuracy, ".1%") if r.accuracy is not None else "—",
+            Text("★ best", style="bold yellow") if best else "",
+        )
+    return table
+
+
+def stages_line(status: SelfImproveRunStatus, progress: dict[str, str] | None = None) -> Text:
+    text = Text()
+    if not status.rounds:
+        return text
+    current = status.rounds[-1]
+    text.append(f"round {current.round}: ", style="bold")
+    for i, s in enumerate(current.stages):
+        if i:
+            text.append(" → ")
+        label = s.name
+        if s.state == "Running" and progress and progress.get(s.name):
+            label += f" [{progress[s.name]}]"
+        if s.attempts > 1:
+            label += f" (attempt {s.attempts})"
+        text.append(label, style=STATE_STYLE.get(s.state, ""))
+    return text
+
+
+def live_view(name: str, status: SelfImproveRunStatus | None, progress: dict[str, str], events: list[str]) -> Group:
+    if status is None:
+        return Group(Text(f"{name}: starting"))
+    header = Text(f"{name}  ", style="bold")
+    header.append(status.phase, style=PHASE_STYLE.get(status.phase, "cyan"))
+    if status.best_accuracy is not None:
+        header.append(f"   best {status.best_accuracy:.1%} (round {status.best_round})")
+    parts = [header, stages_line(status, progress), rounds_table(status)]
+    if events:
+        parts.append(Text("\n".join(events[-5:]), style="dim"))
+    return Group(*parts)
+
+
+def summary(status: SelfImproveRunStatus) -> Group:
+    parts = [rounds_table(status, title=f"phase {status.phase}")]
+    if status.message:
+        parts.append(Text(status.message, style=PHASE_STYLE.get(status.phase, "")))
+    if status.best_adapter:
+        parts.append(Text(f"best adapter: {status.best_adapter}"))
+    if status.artifacts:
+        parts.append(Text(f"artifacts: {status.artifacts}", style="dim"))
+    return Group(*parts)

@@ -1,0 +1,43 @@
+"""A stand-in worker for the local executor's tests: the real runtime (task parsing, skip when
+complete, commit protocol, termination log, exit codes) around a stage body that only writes
+plausible metrics. Behaviour per stage comes from FAKE_STAGE_* environment variables."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from selfimprove_workers import runtime
+from selfimprove_workers.errors import BadInput
+from selfimprove_workers.runtime import StageOutcome
+
+
+def body(ctx) -> StageOutcome:
+    stage, rnd = ctx.task.stage.value, ctx.task.round
+    ledger = os.environ.get("FAKE_STAGE_LEDGER")
+    if ledger:  # every stage body that really ran, for "no completed stage runs twice"
+        with open(ledger, "a") as f:
+            f.write(f"{rnd}:{stage}:{ctx.task.attempt}\n")
+    if os.environ.get("FAKE_STAGE_BAD") == f"{rnd}:{stage}":
+        raise BadInput("data/questions.jsonl:7: missing \"question\"")
+    if os.environ.get("FAKE_STAGE_FAIL") == f"{rnd}:{stage}" and ctx.task.attempt == 1:
+        raise RuntimeError("transient trouble")
+    sleep = float(os.environ.get(f"FAKE_STAGE_SLEEP_{stage.upper()}", "0"))
+    for i in range(3):
+        ctx.progress(i + 1, 3, "steps")
+        time.sleep(sleep / 3)
+    ctx.writer.write_jsonl("out.jsonl", [{"round": rnd, "stage": stage}])
+    metrics = {
+        "sample": {"paths": 8, "questions": 2, "meanConfidence": 0.75},
+        "filter": {"kept": 5},
+        "train": {"trainLoss": 1.0 / (rnd + 1)},
+        "evaluate": {"accuracy": round(0.2 + 0.1 * rnd, 3)},
+        "augment": {"augmented": 1},
+    }[stage]
+    outputs = {"adapter": "adapter/"} if stage == "train" else {}
+    return StageOutcome(metrics=metrics, outputs=outputs)
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.main([sys.argv[1]], stage_fn=body))
