@@ -1,0 +1,379 @@
+"""The `filter` stage: select training data from the sampled paths.
+
+The candidates are the paths of `samples.jsonl`, each joined with its question's vote from
+`votes.jsonl`; a question none of whose paths gave an answer has no label to train on and is
+left out. The filters of `task.filters` then run in the order given, each on what the previous
+one kept:
+
+    consistency        LMSI: questions with confidence ≥ minConfidence; every path agreeing with
+                       the majority.
+    entropy            MoT / IWSI's baseline: questions with normalized answer entropy ≤ max; the
+                       paths agreeing with the majority (as the IWSI code does).
+    distributionShift  IWSI: the DS weight of each candidate from SFT losses under the base model
+                       (see `selection`); keeps DS below the ⌊k·n⌋-th smallest.
+    judge              AlpaGasus: an LLM judge rates each (question, reasoning) 0-5; keeps
+                       ≥ minScore. A reply without a readable score rates 0 and is counted.
+    self               IWSI's self filter: the sampling model rates its own reasoning 0-10;
+                       keeps the top fraction.
+    diversity          LTD: k-center greedy over embeddings of question + reasoning; keeps
+                       ⌈keep·n⌉.
+
+Output `kept.jsonl` is in the training shape: `{"id", "question", "cot", "answer", ...}` with
+cot = the path's text and answer = its question's majority answer, plus the path's provenance
+and every score a filter computed. Metrics: candidates, kept, keptQuestions; details list each
+filter's count in and out.
+
+Engines load only for the filters that need one, one model at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..answers import extract_answer
+from ..chat import render_messages
+from ..data import load_examples
+from ..engines.base import Engine, GenerationParams
+from ..errors import BadInput, DataError
+from ..prompts import cot_completion, render_prompt, render_target
+from ..runtime import StageContext, StageOutcome
+from ..selection import ds_keep, ds_value, importance_weight, k_center_greedy, parse_score, top_fraction
+from ..spec import (
+    DistributionShiftFilter,
+    DiversityFilter,
+    EntropyFilter,
+    ConsistencyFilter,
+    JudgeFilter,
+    SelfFilter,
+)
+from ..storage import display_name, json_type_name, read_jsonl
+
+KEPT = "kept.jsonl"
+# The format IWSI's losses are computed in: the zero-shot CoT training format, i.e. exactly the
+# (prompt, target) pair the train stage optimizes, with no exemplars in the context.
+DS_FORMAT = "zeroShotCot"
+
+
+# --------------------------------------------------------------------------- candidates
+@dataclass
+class Candidate:
+    id: str                     # the question's id
+    question: str
+    path: int
+    text: str                   # the sampled reasoning (→ cot)
+    answer: str | None          # the path's own answer
+    majority: str               # the question's voted answer (→ answer)
+    confidence: float
+    entropy: float
+    scores: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {"id": f"{self.id}#{self.path}", "question": self.question, "cot": self.text,
+                "answer": self.majority, "questionId": self.id, "path": self.path,
+                "pathAnswer": self.answer, "confidence": self.confidence, "entropy": self.entropy,
+                **self.scores}
+
+
+def _field(obj: dict, key: str, types: tuple[type, ...], where: str, nullable: bool = False) -> Any:
+    if key not in obj or (obj[key] is None and not nullable):
+        raise DataError(f'{where}: missing "{key}"')
+    value = obj[key]
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise DataError(f'{where}: "{key}" must be {"/".join(t.__name__ for t in types)}, '
+                        f"got {json_type_name(value)}")
+    return value
+
+
+def load_votes(ctx: StageContext, uri: str) -> dict[str, dict[str, Any]]:
+    shown = display_name(uri)
+    votes: dict[str, dict[str, Any]] = {}
+    for lineno, obj in read_jsonl(ctx.storage_for(uri), uri):
+        where = f"{shown}:{lineno}"
+        qid = str(_field(obj, "id", (str, int), where))
+        majority = _field(obj, "majority", (str,), where, nullable=True)
+        confidence = float(_field(obj, "confidence", (int, float), where))
+        entropy = float(_field(obj, "entropy", (int, float), where))
+        if not (0 <= confidence <= 1 and 0 <= entropy <= 1):
+            raise DataError(f'{where}: "confidence" and "entropy" must lie in [0, 1]')
+        if qid in votes:
+            raise DataError(f"{where}: duplicate id {qid!r}")
+        votes[qid] = {"majority": majority, "confidence": confidence, "entropy": entropy}
+    return votes
+
+
+def load_candidates(ctx: StageContext, samples_uri: str, votes: dict[str, dict[str, Any]]) -> tuple[list[Candidate], int]:
+    """Candidates in file order, and the number of paths left out for want of a majority."""
+    shown = display_name(samples_uri)
+    out: list[Candidate] = []
+    no_majority = 0
+    for lineno, obj in read_jsonl(ctx.storage_for(samples_uri), samples_uri):
+        where = f"{shown}:{lineno}"
+        qid = str(_field(obj, "id", (str, int), where))
+        question = _field(obj, "question", (str,), where)
+        path = _field(obj, "path", (int,), where)
+        text = _field(obj, "text", (str,), where)
+        answer = _field(obj, "answer", (str,), where, nullable=True)
+        v = votes.get(qid)
+        if v is None:
+            raise DataError(f"{where}: id {qid!r} has no row in the votes file")
+        if v["majority"] is None:
+            no_majority += 1
+            continue
+        out.append(Candidate(qid, question, path, text, answer, v["majority"], v["confidence"], v["entropy"]))
+    return out, no_majority
+
+
+# --------------------------------------------------------------------------- engines
+class EnginePool:
+    """At most one engine alive at a time, loaded when a filter first needs its model.
+
+    The sampling model (base + `model.adapter`) and the base model are one engine: vLLM serves
+    the adapter per request, so the engine starts with LoRA enabled when a self filter will ask
+    for it.
+    """
+
+    def __init__(self, ctx: StageContext, lora_for_base: bool):
+        self.ctx = ctx
+        self.lora_for_base = lora_for_base
+        self.current: tuple[str, Engine] | None = None
+        self.loads = 0
+
+    def get(self, model_uri: str) -> Engine:
+        if self.current and self.current[0] == model_uri:
+            return self.current[1]
+        self.close()
+        from ..engines import load_engine
+
+        task = self.ctx.task
+        lora = self.lora_for_base and model_uri == task.model.base
+        engine = load_engine(task.engine, self.ctx.local_dir(model_uri), gpus=task.gpus, seed=task.round,
+                             enable_lora=lora)
+        self.current = (model_uri, engine)
+        self.loads += 1
+        return engine
+
+    def close(self) -> None:
+        if self.current:
+            self.current[1].close()
+            self.current = None
+
+
+@dataclass
+class FilterRun:
+    ctx: StageContext
+    pool: EnginePool
+    validation: list[tuple[str, str, str]]   # (question, cot, answer) of inputs.validation
+
+
+FilterFn = Callable[[FilterRun, list[Candidate], Any], tuple[list[Candidate], dict[str, Any]]]
+
+
+# --------------------------------------------------------------------------- the filters
+def consistency(fr: FilterRun, cands: list[Candidate], spec: ConsistencyFilter) -> tuple[list[Candidate], dict]:
+    kept = [c for c in cands if c.confidence >= spec.min_confidence and c.answer == c.majority]
+    return kept, {"minConfidence": spec.min_confidence}
+
+
+def entropy(fr: FilterRun, cands: list[Candidate], spec: EntropyFilter) -> tuple[list[Candidate], dict]:
+    kept = [c for c in cands if c.entropy <= spec.max + 1e-12 and c.answer == c.majority]
+    return kept, {"max": spec.max}
+
+
+def _sft_pairs(fr: FilterRun, engine: Engine, items: Sequence[tuple[str, str, str]]) -> tuple[list[str], list[str]]:
+    """(prompt, target) in the zero-shot CoT training format, rendered as the train stage does."""
+    task = fr.ctx.task.task
+    chat = bool(task.chat_template and getattr(engine.tokenizer, "chat_template", None))
+    prompts = [render_prompt(task, q, DS_FORMAT, engine.tokenizer) for q, _, _ in items]
+    targets = [render_target(DS_FORMAT, cot, answer) for _, cot, answer in items]
+    return prompts, [t.lstrip() if chat else t for t in targets]
+
+
+def distribution_shift(fr: FilterRun, cands: list[Candidate], spec: DistributionShiftFilter) -> tuple[list[Candidate], dict]:
+    if not cands:
+        return [], {"keep": spec.keep}
+    engine = fr.pool.get(fr.ctx.task.model.base)
+    # The validation losses and the candidates' in one batched call; EOS is scored as in training.
+    items = fr.validation + [(c.question, c.text, c.majority) for c in cands]
+    prompts, targets = _sft_pairs(fr, engine, items)
+    losses = engine.completion_losses(prompts, targets, add_eos=True)
+    valid_losses, cand_losses = losses[: len(fr.validation)], losses[len(fr.validation):]
+    # L̄v: the mean of the per-example mean token losses, as IWSI's record_weights.py averages.
+    valid_mean = sum(valid_losses) / len(valid_losses)
+    ds = []
+    for c, loss in zip(cands, cand_losses):
+        w = importance_weight(valid_mean, loss)
+        d = ds_value(w)
+        c.scores.update(loss=round(loss, 6), dsWeight=round(w, 6), ds=round(d, 6))
+        ds.append(d)
+    mask, threshold = ds_keep(ds, spec.keep)
+    return [c for c, k in zip(cands, mask) if k], {
+        "keep": spec.keep, "validLoss": round(valid_mean, 6), "threshold": threshold,
+        "validationExamples": len(valid_losses),
+    }
+
+
+JUDGE_SYSTEM = ("We would like to request your feedback on the performance of AI assistant in "
+                "response to the instruction and the given input displayed following.")
+JUDGE_INSTRUCTION = (
+    "Please rate according to the accuracy of the response to the instruction and the input. "
+    "Each assistant receives a score on a scale of 0 to 5, where a higher score indicates a higher "
+    "level of accuracy. Please first output a single line containing the value of the score. In the "
+    "subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any "
+    "potential bias."
+)
+JUDGE_MAX = 5.0
+
+
+def judge_messages(question: str, response: str) -> list[dict[str, str]]:
+    """AlpaGasus's accuracy-rating prompt; the instruction is the question, there is no input."""
+    triplet = f"### Instruction:\n{question.strip()}\n\n### Input:\n\n### Response:\n{response.strip()}\n\n"
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": triplet + JUDGE_INSTRUCTION}]
+
+
+def _rate(fr: FilterRun, engine: Engine, prompts: list[str], max_tokens: int, max_score: float,
+          adapter: str | None = None) -> tuple[list[float], int]:
+    """Greedy replies to `prompts`, read by `parse_score`; unreadable ones score 0 (and count)."""
+    outs = engine.generate(prompts, GenerationParams(n=1, temperature=0.0, max_tokens=max_tokens), adapter=adapter)
+    scores, unparsed = [], 0
+    for o in outs:
+        s = parse_score(o.completions[0].text, max_score)
+        if s is None:
+            unparsed += 1
+            s = 0.0
+        scores.append(s)
+    return scores, unparsed
+
+
+def judge(fr: FilterRun, cands: list[Candidate], spec: JudgeFilter) -> tuple[list[Candidate], dict]:
+    m = fr.ctx.task.model
+    model = spec.model or m.judge or m.teacher or m.base
+    if not cands:
+        return [], {"minScore": spec.min_score, "model": model}
+    engine = fr.pool.get(model)
+    use_template = fr.ctx.task.task.chat_template
+    prompts = [render_messages(engine.tokenizer, judge_messages(c.question, c.text), use_template=use_template)
+               for c in cands]
+    scores, unparsed = _rate(fr, engine, prompts, spec.max_tokens, JUDGE_MAX)
+    for c, s in zip(cands, scores):
+        c.scores["judgeScore"] = s
+    if unparsed:
+        fr.ctx.log.warning(f"judge: {unparsed} of {len(cands)} replies had no readable score (rated 0)")
+    return [c for c, s in zip(cands, scores) if s >= spec.min_score], {
+        "minScore": spec.min_score, "model": model, "unparsed": unparsed,
+        "meanScore": round(sum(scores) / len(scores), 4),
+    }
+
+
+SELF_MAX = 10.0
+SELF_INSTRUCTION = ("Here is a question and an answer with its reasoning. Rate how likely the answer is "
+                    "to be correct on a scale of 0 to 10, and reply in the form \"Score: <n>\".")
+
+
+def self_messages(question: str, response: str) -> list[dict[str, str]]:
+    return [{"role": "user",
+             "content": f"{SELF_INSTRUCTION}\n\nQuestion: {question.strip()}\nAnswer: {response.strip()}"}]
+
+
+def self_rating(fr: FilterRun, cands: list[Candidate], spec: SelfFilter) -> tuple[list[Candidate], dict]:
+    if not cands:
+        return [], {"keep": spec.keep}
+    task = fr.ctx.task
+    engine = fr.pool.get(task.model.base)
+    adapter = str(fr.ctx.local_dir(task.model.adapter)) if task.model.adapter else None
+    prompts = [render_messages(engine.tokenizer, self_messages(c.question, c.text),
+                               use_template=task.task.chat_template, reply_prefix="Score:") for c in cands]
+    scores, unparsed = _rate(fr, engine, prompts, spec.max_tokens, SELF_MAX, adapter=adapter)
+    for c, s in zip(cands, scores):
+        c.scores["selfScore"] = s
+    mask = top_fraction(scores, spec.keep)
+    return [c for c, k in zip(cands, mask) if k], {
+        "keep": spec.keep, "unparsed": unparsed, "meanScore": round(sum(scores) / len(scores), 4),
+    }
+
+
+def diversity(fr: FilterRun, cands: list[Candidate], spec: DiversityFilter) -> tuple[list[Candidate], dict]:
+    import numpy as np
+
+    if not cands:
+        return [], {"keep": spec.keep}
+    engine = fr.pool.get(fr.ctx.task.model.base)
+    vectors = np.asarray(engine.embed([f"{c.question}\n{c.text}" for c in cands]))
+    k = math.ceil(spec.keep * len(cands))
+    chosen = k_center_greedy(vectors, k)
+    for rank, i in enumerate(chosen):
+        cands[i].scores["coresetRank"] = rank
+    keep = set(chosen)
+    return [c for i, c in enumerate(cands) if i in keep], {"keep": spec.keep, "target": k}
+
+
+FILTERS: dict[str, FilterFn] = {
+    "consistency": consistency,
+    "entropy": entropy,
+    "distributionShift": distribution_shift,
+    "judge": judge,
+    "self": self_rating,
+    "diversity": diversity,
+}
+
+
+# --------------------------------------------------------------------------- the stage
+def load_validation(ctx: StageContext, answer_spec: Any) -> list[tuple[str, str, str]]:
+    uri = ctx.task.inputs.validation
+    if not uri:
+        raise BadInput("inputs.validation: is required by the distributionShift filter (IWSI's labeled set)")
+    examples = load_examples(ctx.storage_for(uri), uri, require_answer=True)
+    if not examples:
+        raise BadInput(f"inputs.validation: {display_name(uri)} holds no examples")
+    out = []
+    for ex in examples:
+        assert ex.final is not None
+        # The final answer as the extractor would read it, so targets read like sampled paths.
+        final = extract_answer(ex.final, answer_spec) or ex.final.strip()
+        out.append((ex.question, cot_completion(ex.rationale, final), final))
+    return out
+
+
+def run(ctx: StageContext) -> StageOutcome:
+    task = ctx.task
+    assert task.inputs.samples and task.inputs.votes and task.filters
+    kinds = [f.kind for f in task.filters]
+    votes = load_votes(ctx, task.inputs.votes)
+    cands, no_majority = load_candidates(ctx, task.inputs.samples, votes)
+    validation = load_validation(ctx, task.task.answer) if "distributionShift" in kinds else []
+    if "self" in kinds and task.model.adapter:
+        ctx.local_dir(task.model.adapter)  # fetch (and fail on a bad URI) before any model loads
+    n_candidates = len(cands)
+    ctx.log.info(f"{n_candidates} candidates from {len(votes)} questions "
+                 f"({no_majority} paths of questions without an answer left out); filters: {', '.join(kinds)}")
+
+    pool = EnginePool(ctx, lora_for_base="self" in kinds and task.model.adapter is not None)
+    fr = FilterRun(ctx, pool, validation)
+    steps: list[dict[str, Any]] = []
+    try:
+        for i, f in enumerate(task.filters):
+            t0 = time.perf_counter()
+            before = len(cands)
+            cands, info = FILTERS[f.kind](fr, cands, f.params)
+            steps.append({"kind": f.kind, "in": before, "out": len(cands),
+                          "seconds": round(time.perf_counter() - t0, 3), **info})
+            ctx.log.info(f"filter {f.kind}: {before} → {len(cands)}")
+            ctx.progress(i + 1, len(task.filters), "filters")
+    finally:
+        pool.close()
+
+    ctx.writer.write_jsonl(KEPT, (c.row() for c in cands))
+    kept_questions = len({c.id for c in cands})
+    metrics: dict[str, Any] = {"candidates": n_candidates, "kept": len(cands), "keptQuestions": kept_questions}
+    if cands:
+        metrics["meanConfidence"] = round(sum(c.confidence for c in cands) / len(cands), 6)
+    return StageOutcome(
+        metrics=metrics,
+        outputs={"kept": KEPT},
+        details={"filters": steps, "questions": len(votes), "pathsWithoutMajority": no_majority,
+                 "engineLoads": pool.loads},
+    )
