@@ -18,3 +18,9 @@ try:  # written by the workers' tests; absent in a partial checkout
 except ImportError as exc:  # pragma: no cover
     if "model_fixtures" not in str(exc):
         raise
+
+try:  # the Kubernetes API emulator and fake cluster of the operator's tests
+    from k8s_fixtures import *  # noqa: E402,F401,F403
+except ImportError as exc:  # pragma: no cover
+    if "k8s_fixtures" not in str(exc):
+        raise

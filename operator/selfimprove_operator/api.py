@@ -117,7 +117,10 @@ class ModelCacheSpec(WireModel):
 
 
 class ResourcesSpec(WireModel):
-    gpus: int = Field(1, ge=0, le=64, description="Accelerators per stage Job.")
+    gpus: int | None = Field(
+        None, ge=0, le=64,
+        description="Accelerators per stage Job; default: the operator's setting (1). 0 runs stages on CPU.",
+    )
     gpu_resource_name: str | None = Field(
         None, description="Extended resource requested for them; defaults to the operator's setting (nvidia.com/gpu)."
     )

@@ -26,22 +26,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
-    from .crd import CRD_PATH, render_crd
+    from .crd import CHART_CRD_PATH, CRD_PATH, render_crd
 
     text = render_crd()
     if args.output == "-":
         sys.stdout.write(text)
         return 0
-    path = Path(args.output or CRD_PATH)
+    # By default both copies: the top-level file and the Helm chart's (Helm installs crds/).
+    paths = [Path(args.output)] if args.output else [CRD_PATH] + ([CHART_CRD_PATH] if CHART_CRD_PATH.parent.is_dir() else [])
     if args.check:
-        if not path.exists() or path.read_text() != text:
+        stale = [p for p in paths if not p.exists() or p.read_text() != text]
+        for path in stale:
             print(f"{path}: stale; run `selfimprove crd` and commit the result", file=sys.stderr)
-            return 1
-        print(f"{path}: up to date")
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"wrote {path}")
+        for path in set(paths) - set(stale):
+            print(f"{path}: up to date")
+        return 1 if stale else 0
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
     return 0
 
 
@@ -135,6 +138,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .k8s.config import OperatorConfig, parse_setting
+
+    fields = {f.name for f in dataclasses.fields(OperatorConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "namespaces" in flags:
+        flags["namespaces"] = parse_setting("namespaces", ",".join(flags["namespaces"]))
+    if "metrics_port" in flags:
+        flags["metrics_port"] = parse_setting("metrics_port", flags["metrics_port"])
+    config = dataclasses.replace(OperatorConfig.from_env(), **flags)
+    from .k8s.handlers import run_operator  # kopf: the `operator` extra
+
+    return run_operator(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfimprove",
@@ -163,6 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--storage", help="the storage the run used (default ./runs)")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "operator",
+        help="run the Kubernetes operator: reconcile SelfImproveRuns with stage Jobs",
+        description="Run the operator (kopf). Each setting is also read from the environment as "
+        "SELFIMPROVE_<SETTING> (SELFIMPROVE_NAMESPACES, SELFIMPROVE_WORKER_IMAGE, "
+        "SELFIMPROVE_GPU_RESOURCE_NAME, SELFIMPROVE_METRICS_PORT, …); flags win.",
+    )
+    p.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+                   help="serve only these namespaces (repeatable or comma-separated; default: all namespaces)")
+    p.add_argument("--worker-image", help="stage image when a run names none")
+    p.add_argument("--gpu-resource", dest="gpu_resource_name", metavar="NAME",
+                   help="extended resource requested for GPUs (default nvidia.com/gpu)")
+    p.add_argument("--service-account", help="service account of stage pods when a run names none")
+    p.add_argument("--model-cache-claim", metavar="PVC", help="PVC mounted as the model cache when a run names none")
+    p.add_argument("--pending-timeout", type=float, metavar="SECONDS",
+                   help="how long a pod may be stuck (image pull, unschedulable) before the run reports it (default 300)")
+    p.add_argument("--metrics-port", metavar="PORT", help="Prometheus endpoint port (default 8080; 'off' disables it)")
+    p.add_argument("--liveness", dest="liveness_endpoint", metavar="URL",
+                   help="liveness endpoint (default http://0.0.0.0:8081/healthz)")
+    p.add_argument("--peering", dest="peering_name", metavar="NAME",
+                   help="kopf peering object shared by the replicas (default selfimprove)")
+    p.add_argument("--standalone", action="store_true", default=None,
+                   help="run without peering (a single replica only)")
+    p.add_argument("--priority", type=int, help="peering priority (default: earlier start, higher priority)")
+    p.add_argument("--workers", type=int, help="runs reconciled concurrently (default 8)")
+    p.add_argument("--log-format", choices=["json", "plain"], help="log format (default json)")
+    p.add_argument("-v", "--verbose", action="store_true", default=None, help="debug logging")
+    p.set_defaults(func=_cmd_operator)
 
     return parser
 

@@ -17,6 +17,7 @@ import yaml
 from .api import GROUP, KIND, PLURAL, SHORT_NAME, VERSION, MAX_RUN_NAME, SelfImproveRun
 
 CRD_PATH = Path("crds") / f"{GROUP}_{PLURAL}.yaml"
+CHART_CRD_PATH = Path("charts") / "selfimprove" / CRD_PATH
 
 # Keywords of apiextensions.k8s.io/v1 JSONSchemaProps that the generated schema may use.
 _KEEP = {

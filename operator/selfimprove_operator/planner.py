@@ -225,7 +225,7 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         model=ModelRef(base=spec.model.base, adapter=adapter, teacher=spec.model.teacher,
                        judge=next((f.judge.model for f in spec.filters or [] if f.judge and f.judge.model), None)),
         engine=spec.engine,
-        gpus=spec.resources.gpus,
+        gpus=spec.resources.gpus or 0,
         inputs=inputs,
         task=spec.task,
         sampling=sampling,

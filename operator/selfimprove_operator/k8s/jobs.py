@@ -1,0 +1,185 @@
+"""The batch/v1 Job of one stage attempt (pure: no API calls).
+
+One Job per attempt, named by `planner.job_name` (`<run>-r<round>-<stage>[-a<attempt>]`): the
+name is deterministic, so creating it twice is harmless (409 AlreadyExists) and a restarted
+operator never starts the same attempt twice.
+
+The task travels inline as the container's argument (`python3 -m selfimprove_workers '<task
+JSON>'`): it is small (no data, no credentials), it is visible with `kubectl get job -o yaml`,
+and it needs no ConfigMap whose lifetime would have to be managed. Storage credentials come from
+the run's Secret through `secretKeyRef`; the operator only names the Secret, it never reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..api import API_VERSION, KIND, SelfImproveRunSpec
+from ..planner import EXIT_BAD_INPUT, StartStage
+from .config import OperatorConfig
+
+LABEL_PREFIX = "selfimprove.dev/"
+RUN_LABEL = LABEL_PREFIX + "run"
+ROUND_LABEL = LABEL_PREFIX + "round"
+STAGE_LABEL = LABEL_PREFIX + "stage"
+ATTEMPT_LABEL = LABEL_PREFIX + "attempt"
+OUTPUT_ANNOTATION = LABEL_PREFIX + "output"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")  # set on pods by the Job controller
+CONTAINER = "worker"
+SHM_VOLUME = "dshm"
+CACHE_VOLUME = "model-cache"
+CACHE_ENV = "SELFIMPROVE_CACHE"  # selfimprove_workers.runtime.MODEL_CACHE_ENV
+CREDENTIAL_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+
+
+def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
+    """The run as the Job's controller: deleting the run deletes its Jobs (garbage collector),
+    and blockOwnerDeletion keeps a foreground deletion of the run waiting for them."""
+    meta = run["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def job_labels(run_name: str, start: StartStage) -> dict[str, str]:
+    return {
+        RUN_LABEL: run_name,
+        ROUND_LABEL: str(start.round),
+        STAGE_LABEL: start.stage,
+        ATTEMPT_LABEL: str(start.attempt),
+        "app.kubernetes.io/name": "selfimprove-worker",
+        "app.kubernetes.io/managed-by": "selfimprove-operator",
+    }
+
+
+def build_job(run: dict[str, Any], spec: SelfImproveRunSpec, start: StartStage, config: OperatorConfig) -> dict[str, Any]:
+    """The Job manifest of `start` for the run object `run` (its metadata: name, namespace, uid).
+    `spec` is the run's spec (not preset-resolved: resources have no presets)."""
+    meta = run["metadata"]
+    res = spec.resources
+    labels = job_labels(meta["name"], start)
+
+    gpu_name = res.gpu_resource_name or config.gpu_resource_name
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.memory:
+        # Memory is incompressible: the request is also the limit, so a stage is OOM-killed in
+        # its own pod (reason OOMKilled reaches the status) instead of evicting its neighbours.
+        requests["memory"] = limits["memory"] = res.memory
+    if res.gpus:
+        # Extended resources cannot be overcommitted: request and limit must be equal.
+        requests[gpu_name] = limits[gpu_name] = str(res.gpus)
+
+    env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if spec.storage.secret_ref:
+        for key, optional in CREDENTIAL_KEYS:
+            env.append({
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": spec.storage.secret_ref, "key": key, "optional": optional}},
+            })
+
+    mounts: list[dict[str, Any]] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if config.shm_size_limit:
+        shm["sizeLimit"] = config.shm_size_limit
+    volumes: list[dict[str, Any]] = [{"name": SHM_VOLUME, "emptyDir": shm}]
+    claim, cache_path = (
+        (res.model_cache.claim_name, res.model_cache.mount_path) if res.model_cache
+        else (config.model_cache_claim, config.model_cache_path)
+    )
+    if claim:
+        volumes.append({"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": CACHE_VOLUME, "mountPath": cache_path})
+        env.append({"name": CACHE_ENV, "value": cache_path})
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": res.image or config.worker_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["python3", "-m", "selfimprove_workers"],
+        "args": [json.dumps(start.task.wire(), separators=(",", ":"), sort_keys=True)],
+        "env": env,
+        "volumeMounts": mounts,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # The worker writes its result summary to /dev/termination-log; when it dies before
+        # that (a crash, an import error), the tail of its log is the message instead.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if requests:
+        container["resources"] = {"requests": requests, **({"limits": limits} if limits else {})}
+
+    uid = config.run_as_user
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,  # the model cache volume must be writable by the worker
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # Workers never talk to the Kubernetes API: no token in their pods.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": config.termination_grace_seconds,
+    }
+    service_account = res.service_account_name or config.service_account
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if config.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in config.image_pull_secrets]
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in res.tolerations]
+    if res.affinity:
+        pod_spec["affinity"] = res.affinity
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+
+    job_meta: dict[str, Any] = {
+        "name": start.job_name,
+        "namespace": meta.get("namespace"),
+        "labels": dict(labels),
+        "annotations": {OUTPUT_ANNOTATION: start.task.output},
+        "ownerReferences": [owner_reference(run)],
+    }
+    job_spec: dict[str, Any] = {
+        "backoffLimit": res.backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                # Preemption, eviction, node drain: the Job controller replaces the pod without
+                # counting a failure (pain: preempted spot pods must simply run again).
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # Exit code 2 is the workers' "bad input": no retry inside the Job can fix it.
+                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+            ],
+        },
+        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+    }
+    if res.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = res.active_deadline_seconds
+    if res.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = res.ttl_seconds_after_finished
+    if res.queue_name:
+        # Kueue admits a suspended Job by unsuspending it; created unsuspended, the Job would
+        # start before Kueue decides.
+        job_meta["labels"][KUEUE_QUEUE_LABEL] = res.queue_name
+        job_spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}

@@ -1,0 +1,102 @@
+"""A work queue in the style of client-go's: keys, not events.
+
+Any number of triggers (a run changed, one of its Jobs or Pods changed, a backoff expired) add
+the run's key; a key waits in the queue at most once, is handed to one worker at a time, and a
+key added while it is being processed is processed once more afterwards. So every run is
+reconciled serially, bursts of events collapse into one reconcile, and nothing polls: delayed
+keys sleep in the event loop's timer heap until due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable
+
+
+class WorkQueue:
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Hashable] = asyncio.Queue()
+        self._queued: set[Hashable] = set()
+        self._active: set[Hashable] = set()
+        self._dirty: set[Hashable] = set()
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._failures: dict[Hashable, int] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def add(self, key: Hashable) -> None:
+        if key in self._active:
+            self._dirty.add(key)
+            return
+        if key in self._queued:
+            return
+        self._queued.add(key)
+        self._idle.clear()
+        self._queue.put_nowait(key)
+
+    def add_after(self, key: Hashable, delay: float) -> None:
+        """Add `key` after `delay` seconds; an earlier pending wake-up of the key is kept."""
+        if delay <= 0:
+            self.add(key)
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        timer = self._timers.get(key)
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timers[key] = loop.call_at(when, self._fire, key)
+
+    def _fire(self, key: Hashable) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
+    async def get(self) -> Hashable:
+        key = await self._queue.get()
+        self._queued.discard(key)
+        self._active.add(key)
+        return key
+
+    def done(self, key: Hashable) -> None:
+        self._active.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+        elif not self._active and not self._queued:
+            self._idle.set()
+
+    # ---------------------------------------------------------------- failures
+    def failed(self, key: Hashable, base: float, cap: float) -> float:
+        """Count a failed reconcile of `key` and schedule it again with exponential backoff;
+        returns the delay."""
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        delay = min(cap, base * 2 ** (n - 1))
+        self.add_after(key, delay)
+        return delay
+
+    def failures(self, key: Hashable) -> int:
+        return self._failures.get(key, 0)
+
+    def succeeded(self, key: Hashable) -> None:
+        self._failures.pop(key, None)
+
+    def forget(self, key: Hashable) -> None:
+        """The object is gone: drop its timer and failure count (a queued key is harmless)."""
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self._failures.pop(key, None)
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is queued or being processed (timers may still be pending)."""
+        await self._idle.wait()
+
+    def __len__(self) -> int:
+        return len(self._queued) + len(self._active)
