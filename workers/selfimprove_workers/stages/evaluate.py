@@ -1,0 +1,156 @@
+"""The `evaluate` stage: greedy accuracy of the base model, or base + this round's adapter.
+
+Every example of `inputs.evaluation` (the first `evaluation.limit`) and, for LLM2LLM, every
+example of the seed set `inputs.seed` is rendered in `evaluation.format` (a few-shot format
+without exemplars becomes its zero-shot variant) and decoded greedily by one engine in one
+batched call. The answer is extracted from each output with the task's answer rule and compared
+with the gold final answer, normalized by the same rule.
+
+Round 0 runs it with `model.adapter` unset: the base model's accuracy, the point every later
+round is compared with.
+
+Outputs: `predictions.jsonl` (and `seed_predictions.jsonl`), one row per example:
+`{"id", "question", "output", "prediction", "gold", "correct"}` — the augment stage reads the
+seed predictions to find the examples the student got wrong. Summary metrics: accuracy, correct,
+total (and seedAccuracy, seedCorrect, seedTotal).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from ..answers import answers_equal, extract_answer
+from ..contract import OutputName
+from ..data import Example, load_examples, parse_example
+from ..engines.base import Engine, GenerationOutput, GenerationParams
+from ..errors import BadInput, DataError
+from ..prompts import render_prompt
+from ..runtime import StageContext, StageOutcome
+from ..spec import AnswerSpec
+from ..storage import display_name, read_jsonl
+from ..training.data import load_exemplars, resolve_format
+from .sample import STOP  # a model inventing the next "Question:" has finished its answer
+
+PREDICTIONS, SEED_PREDICTIONS = OutputName.PREDICTIONS, OutputName.SEED_PREDICTIONS
+
+
+def run(ctx: StageContext) -> StageOutcome:
+    return evaluate(ctx)
+
+
+def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
+    """The stage; `engine` replaces the one built from the task (tests pass a stub)."""
+    task = ctx.task
+    spec = task.evaluation
+    assert spec is not None and task.inputs.evaluation
+    answer = task.task.answer
+
+    eval_uri = task.inputs.evaluation
+    eval_set = _labeled(ctx, eval_uri, spec.limit, "inputs.evaluation")
+    eval_gold = gold_answers(ctx, eval_uri, eval_set, answer)
+    seed_uri = task.inputs.seed
+    seed_set = _labeled(ctx, seed_uri, None, "inputs.seed") if seed_uri else []
+    seed_gold = gold_answers(ctx, seed_uri, seed_set, answer) if seed_uri else []
+
+    exemplars = load_exemplars(ctx.storage_for, task.task)
+    fmt = resolve_format(spec.format, bool(exemplars))
+    if fmt != spec.format:
+        ctx.log.info(f"no few-shot exemplars: evaluating in {fmt} instead of {spec.format}")
+
+    adapter = str(ctx.local_dir(task.model.adapter)) if task.model.adapter else None
+    own = engine is None
+    if engine is None:
+        from ..engines import load_engine
+
+        engine = load_engine(task.engine, ctx.local_dir(task.model.base), gpus=task.gpus, seed=0,
+                             enable_lora=adapter is not None)
+    try:
+        questions = [ex.question for ex in eval_set] + [ex.question for ex in seed_set]
+        prompts = [render_prompt(task.task, q, fmt, engine.tokenizer, exemplars) for q in questions]
+        params = GenerationParams(n=1, temperature=0.0, max_tokens=spec.max_tokens, stop=STOP)
+        ctx.log.info(f"generating {len(prompts)} greedy answers ({fmt}, "
+                     f"{'adapter ' + adapter if adapter else 'base model'})")
+        t0 = time.perf_counter()
+        outputs = engine.generate(prompts, params, adapter=adapter,
+                                  progress=lambda done, total: ctx.progress(done, total, "answers"))
+        seconds = time.perf_counter() - t0
+    finally:
+        if own:
+            engine.close()
+    if len(outputs) != len(prompts):
+        raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(prompts)} prompts")
+
+    rows, correct = score(eval_set, eval_gold, outputs[: len(eval_set)], answer)
+    ctx.writer.write_jsonl(PREDICTIONS, rows)
+    metrics: dict[str, Any] = {"accuracy": round(correct / len(rows), 6), "correct": correct, "total": len(rows)}
+    outs = {"predictions": PREDICTIONS}
+    if seed_uri:
+        seed_rows, seed_correct = score(seed_set, seed_gold, outputs[len(eval_set):], answer)
+        ctx.writer.write_jsonl(SEED_PREDICTIONS, seed_rows)
+        metrics.update(seedAccuracy=round(seed_correct / len(seed_rows), 6), seedCorrect=seed_correct,
+                       seedTotal=len(seed_rows))
+        outs["seedPredictions"] = SEED_PREDICTIONS
+    generated = sum(c.tokens for o in outputs for c in o.completions)
+    unanswered = sum(r["prediction"] is None for r in rows)
+    ctx.log.info(f"accuracy {metrics['accuracy']:.4f} ({correct}/{len(rows)}, {unanswered} without an answer)")
+    details = {
+        "format": fmt,
+        "adapter": task.model.adapter,
+        "engine": getattr(engine, "kind", None),
+        "unanswered": unanswered,
+        "generatedTokens": generated,
+        "generationSeconds": round(seconds, 3),
+        "outputTokensPerSecond": round(generated / seconds, 2) if seconds > 0 else None,
+    }
+    return StageOutcome(metrics=metrics, outputs=outs, details=details)
+
+
+def _labeled(ctx: StageContext, uri: str, limit: int | None, field: str) -> list[Example]:
+    examples = load_examples(ctx.storage_for(uri), uri, require_answer=True, limit=limit)
+    if not examples:
+        raise BadInput(f"{field}: {display_name(uri)} holds no examples")
+    return examples
+
+
+def gold_answers(ctx: StageContext, uri: str, examples: Sequence[Example], spec: AnswerSpec) -> list[str]:
+    """Gold final answers normalized by the answer rule, so that `1,000`, `1000.0` and the
+    model's `1000` compare the way the extractor makes them. A gold answer the rule cannot read
+    is a data error (it could never be matched), except for `regex` rules, which describe model
+    output and need not match a bare label: there the label is used as written."""
+    golds: list[str] = []
+    for ex in examples:
+        assert ex.final is not None  # require_answer
+        gold = extract_answer(ex.final, spec)
+        if gold is None:
+            if spec.type != "regex":
+                raise DataError(f"{_where(ctx, uri, ex.id)}: answer {ex.final!r} is not a valid {spec.type} answer")
+            gold = ex.final.strip()
+        golds.append(gold)
+    return golds
+
+
+def _where(ctx: StageContext, uri: str, example_id: str) -> str:
+    """`file:line` of an example (looked up again only when reporting an error)."""
+    shown = display_name(uri)
+    for lineno, obj in read_jsonl(ctx.storage_for(uri), uri):
+        if parse_example(obj, f"{shown}:{lineno}").id == example_id:
+            return f"{shown}:{lineno}"
+    return f"{shown}: example {example_id!r}"
+
+
+def score(
+    examples: Sequence[Example], golds: Sequence[str], outputs: Sequence[GenerationOutput], spec: AnswerSpec
+) -> tuple[list[dict[str, Any]], int]:
+    """Prediction rows and the number correct. An output without an extractable answer is
+    wrong (prediction null)."""
+    rows: list[dict[str, Any]] = []
+    correct = 0
+    for ex, gold, out in zip(examples, golds, outputs, strict=True):
+        text = out.completions[0].text if out.completions else ""
+        prediction = extract_answer(text, spec)
+        ok = prediction is not None and answers_equal(prediction, gold)
+        correct += ok
+        rows.append({"id": ex.id, "question": ex.question, "output": text, "prediction": prediction,
+                     "gold": gold, "correct": ok})
+    return rows, correct

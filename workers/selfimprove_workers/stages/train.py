@@ -1,0 +1,157 @@
+"""The `train` stage: a LoRA adapter trained on this round's data.
+
+Inputs: every JSONL file of `inputs.train` — kept sampled paths (`question`, `cot`, `answer`) or
+labeled examples (`question`, `answer: "rationale #### N"`). Each row is rendered in every
+format of `training.formats` (LMSI's four mixed formats by default; few-shot formats become
+their zero-shot variants when the task has no exemplars) and trained with the loss on the
+answer tokens only.
+
+The adapter starts fresh from the base model every round (`training.from: base`, LLM2LLM's
+finding) or continues the previous round's (`from: previous`, `model.adapter`, loaded trainable;
+a round with no previous adapter starts fresh).
+
+Outputs: `adapter/` (peft format: vLLM's LoRARequest and peft load it), `metrics.json` (loss,
+learning rate, tokens and the batch fingerprint of every step, per-epoch throughput). Summary
+metrics: trainLoss, initialLoss, steps, examples, epochs, tokensPerSecond.
+
+Preemption: a checkpoint is written to `<output>/_checkpoints/epoch-N/` after every epoch; a
+restart of the same task resumes from the newest complete one (same step count, same data
+order) instead of starting over. See `training/checkpoint.py`.
+
+Several GPUs: with `gpus > 1` the stage prepares the data once, then re-launches itself as
+`torchrun --standalone --nproc_per_node N -m selfimprove_workers.stages.train_worker JOB_DIR`
+(what `accelerate launch --multi_gpu --num_processes N` runs underneath), one data-parallel
+process per GPU (DDP through accelerate's `Accelerator`), and uploads what the main process wrote.
+`SELFIMPROVE_TRAIN_PROCESSES=N` forces N processes (on CPU: gloo), to exercise that path
+without GPUs. On CPU or one GPU, training runs in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..contract import OutputName
+from ..errors import BadInput
+from ..runtime import StageContext, StageOutcome
+from ..training import checkpoint
+from ..training.data import encode_examples, load_exemplars, load_training_rows, resolve_formats
+
+PROCESSES_ENV = "SELFIMPROVE_TRAIN_PROCESSES"
+METRICS = "metrics.json"
+WORKER_MODULE = "selfimprove_workers.stages.train_worker"
+
+
+def load_tokenizer(model_dir: Path, field: str = "model.base") -> Any:
+    from transformers import AutoTokenizer
+
+    if not model_dir.is_dir():
+        raise BadInput(f"{field}: {model_dir} is not a model directory")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{field}: cannot load a tokenizer from {model_dir}: {exc}") from None
+
+
+def run(ctx: StageContext) -> StageOutcome:
+    task = ctx.task
+    spec = task.training
+    assert spec is not None
+    # Data first: a bad line fails the stage before any model is downloaded or loaded.
+    rows = load_training_rows(ctx.storage_for, task.inputs.train)
+    exemplars = load_exemplars(ctx.storage_for, task.task)
+    model_dir = ctx.local_dir(task.model.base)
+    tokenizer = load_tokenizer(model_dir)
+    formats = resolve_formats(spec.formats, bool(exemplars))
+    if formats != list(spec.formats):
+        ctx.log.info(f"no few-shot exemplars: training formats {spec.formats} → {formats}")
+    examples = encode_examples(rows, formats, task.task, tokenizer, spec.max_length, exemplars)
+    stats = examples.stats
+    ctx.log.info(
+        f"{stats['rows']} rows × {len(formats)} formats → {stats['sequences']} sequences, "
+        f"{stats['tokens']:,} tokens ({stats['truncated']} truncated, {stats['dropped']} dropped: "
+        f"answer longer than maxLength {spec.max_length})"
+    )
+
+    init_adapter = None
+    if spec.from_ == "previous":
+        if task.model.adapter:
+            init_adapter = str(ctx.local_dir(task.model.adapter))
+        else:
+            ctx.log.info("training.from is previous but there is no previous adapter: starting fresh")
+
+    resume_dir = None
+    latest = checkpoint.find_latest(ctx.storage, task.output, task.digest())
+    if latest is not None:
+        ctx.log.info(f"found the checkpoint of epoch {latest.epoch}: resuming from it")
+        resume_dir = str(checkpoint.download(ctx.storage, latest, ctx.workdir / "resume"))
+
+    from ..training.loop import TrainJob  # torch: only once the inputs are known to be good
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    job = TrainJob(
+        task=task.wire(), model_dir=str(model_dir), init_adapter=init_adapter, resume_dir=resume_dir,
+        out_dir=str(ctx.workdir / "out"), work_dir=str(ctx.workdir / "scratch"), pad_id=int(pad_id),
+    )
+    processes = _processes(task.gpus, ctx)
+    if processes > 1:
+        outcome = _launch(job, examples, processes, ctx)
+    else:
+        from ..training.loop import train
+
+        outcome = train(job, examples)
+    assert outcome is not None
+
+    out = Path(job.out_dir)
+    ctx.writer.upload_dir(OutputName.ADAPTER.rstrip("/"), out / "adapter")
+    ctx.writer.upload_file(METRICS, out / "metrics.json")
+    return StageOutcome(
+        metrics=outcome["metrics"],
+        outputs={"adapter": OutputName.ADAPTER, "metrics": METRICS},
+        details=outcome["details"],
+    )
+
+
+def _processes(gpus: int, ctx: StageContext) -> int:
+    forced = os.environ.get(PROCESSES_ENV)
+    if forced:
+        return max(1, int(forced))
+    if gpus <= 1:
+        return 1
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        ctx.log.warning(f"gpus is {gpus} but {visible} are visible: training with {max(1, visible)}")
+    return max(1, min(gpus, visible))
+
+
+def _launch(job: Any, examples: Any, processes: int, ctx: StageContext) -> dict[str, Any]:
+    """Run `train_worker` in `processes` data-parallel processes; return the main one's outcome."""
+    job_dir = ctx.workdir / "job"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job.save(job_dir / "job.json")
+    examples.save(job_dir / "examples.npz")
+    # torchrun is what `accelerate launch --multi_gpu` runs underneath; calling it directly works
+    # the same on CPU (gloo), where accelerate would want MPI. `Accelerator` in each process
+    # reads the rank and world size torchrun sets, and the precision comes from the code.
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(processes),
+        "-m", WORKER_MODULE, str(job_dir),
+    ]
+    ctx.log.info(f"launching {processes} training processes: {' '.join(cmd[2:])}")
+    rc = subprocess.run(cmd, check=False).returncode
+    errors = sorted(job_dir.glob("error-*.json"))
+    if errors:
+        err = json.loads(errors[0].read_text())
+        if err.get("reason") == "BadInput":
+            raise BadInput(err["message"])
+        raise RuntimeError(f"training process failed: {err['message']}")
+    if rc != 0:
+        raise RuntimeError(f"training processes exited with code {rc}")
+    return json.loads((Path(job.out_dir) / "outcome.json").read_text())
