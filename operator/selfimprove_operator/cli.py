@@ -48,6 +48,14 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console():
+    """A rich console; when output is not a terminal (a pipe, a CI log) tables are not wrapped
+    at 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=140)
+
+
 def _load_one(file: str):
     from .manifest import ManifestInvalid, load_runs
 
@@ -67,7 +75,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from rich.console import Console
     from rich.live import Live
 
     from .local import LocalExecutor, local_run
@@ -77,7 +84,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if run is None:
         return 2  # nothing ran: the manifest is invalid
     run = local_run(run, args.storage)
-    console = Console(stderr=False)
+    console = _console()
     events: list[str] = []
     stop = threading.Event()
     live = Live(console=console, refresh_per_second=4, transient=False, auto_refresh=console.is_terminal)
@@ -121,8 +128,6 @@ class _nullcontext:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from .local import StatusStore, local_run
     from .view import summary
 
@@ -134,7 +139,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if status is None:
         print(f"{run.metadata.name}: not started (no {store.uri})", file=sys.stderr)
         return 1
-    Console().print(summary(status))
+    _console().print(summary(status))
     return 0
 
 

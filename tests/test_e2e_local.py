@@ -1,0 +1,123 @@
+"""End to end: `selfimprove run` with the real stages (vLLM CPU build, peft, transformers).
+
+A shortened demo — round 0 plus one LMSI round on a few arithmetic questions — run through the
+CLI exactly as a user would, killed while it trains, and run again. The model is the tiny
+random-weight fixture: this test is about the machinery (tasks, artifacts, markers, status,
+resume); whether self-training improves a model is the demo's job (bench/bench_demo.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from model_fixtures import require_vllm
+from selfimprove_workers.demo.arithmetic import write_splits
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+MANIFEST = """\
+apiVersion: selfimprove.dev/v1alpha1
+kind: SelfImproveRun
+metadata: {{name: e2e}}
+spec:
+  strategy: lmsi
+  model: {{base: {model}}}
+  data: {{questions: {data}/unlabeled.jsonl, evaluation: {data}/eval.jsonl}}
+  task: {{answer: {{type: number}}, chatTemplate: false}}
+  engine: {{kind: vllm, enforceEager: true, maxModelLen: 256, maxLoraRank: 8}}
+  sampling: {{paths: 4, temperature: 1.0, maxTokens: 24}}
+  filters: [{{consistency: {{minConfidence: 0.0}}}}]
+  training:
+    lora: {{r: 8, alpha: 16, targetModules: [q_proj, v_proj]}}
+    epochs: 2
+    learningRate: 1.0e-3
+    batchSize: 8
+    maxLength: 256
+    formats: [zeroShotCot]
+  evaluation: {{format: zeroShotCot, maxTokens: 24}}
+  rounds: {{max: 1, patience: 0}}
+  retry: {{limit: 1, backoffSeconds: 0}}
+  resources: {{gpus: 0}}
+  storage: {{uri: s3://unused/}}
+"""
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "selfimprove_operator.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def markers(run_dir: Path) -> dict[str, str]:
+    return {str(p.parent.relative_to(run_dir)): p.read_text() for p in sorted(run_dir.glob("round-*/*/_SUCCESS"))}
+
+
+def test_shortened_demo_killed_during_training_resumes(tmp_path, tiny_model_dir):
+    require_vllm()
+    data = tmp_path / "data"
+    write_splits(data, seed=0, n_warm=4, n_unlabeled=6, n_eval=6)
+    manifest = tmp_path / "run.yaml"
+    manifest.write_text(MANIFEST.format(model=tiny_model_dir, data=data))
+    storage, work = tmp_path / "runs", tmp_path / "work"
+    run_dir = storage / "local" / "e2e"
+    status_file = run_dir / "status.json"
+
+    # First run: kill the runner (SIGKILL, no chance to clean up) as soon as training starts.
+    runner = cli("run", str(manifest), "--storage", str(storage), "--workdir", str(work))
+    deadline = time.time() + 600
+    while True:
+        assert runner.poll() is None, runner.stdout.read()
+        assert time.time() < deadline, "training never started"
+        if status_file.exists():
+            status = json.loads(status_file.read_text())
+            stages = {(r["round"], s["name"]): s for r in status["rounds"] for s in r["stages"]}
+            if stages.get((1, "train"), {}).get("state") == "Running":
+                break
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=60)
+    before = markers(run_dir)
+    assert set(before) == {"round-000/evaluate", "round-001/sample", "round-001/filter"}
+
+    # Second run: resumes; no completed stage runs again, the interrupted one runs as attempt 2.
+    again = cli("run", str(manifest), "--storage", str(storage), "--workdir", str(work))
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out
+    after = markers(run_dir)
+    assert {k: after[k] for k in before} == before  # the same commits, byte for byte
+    assert set(after) == set(before) | {"round-001/train", "round-001/evaluate"}
+    tasks = sorted(p.name for p in work.glob("*.json") if not p.name.endswith(".result.json"))
+    assert tasks == ["e2e-r0-evaluate.json", "e2e-r1-evaluate.json", "e2e-r1-filter.json",
+                     "e2e-r1-sample.json", "e2e-r1-train-a2.json", "e2e-r1-train.json"]
+
+    # Artifacts of every stage, committed with checksums.
+    for stage, files in {"round-001/sample": ["samples.jsonl", "votes.jsonl"], "round-001/filter": ["kept.jsonl"],
+                         "round-001/train": ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
+                         "round-001/evaluate": ["predictions.jsonl"], "round-000/evaluate": ["predictions.jsonl"]}.items():
+        listed = json.loads(after[stage])["files"]
+        for name in files:
+            assert name in listed and (run_dir / stage / name).stat().st_size == listed[name]["size"]
+    votes = [json.loads(l) for l in (run_dir / "round-001/sample/votes.jsonl").read_text().splitlines()]
+    assert len(votes) == 6 and all(v["paths"] == 4 for v in votes)
+
+    status = json.loads(status_file.read_text())
+    assert status["phase"] == "Succeeded"
+    r1 = status["rounds"][1]
+    assert r1["samples"] == 24 and r1["kept"] >= 1 and r1["accuracy"] is not None
+    assert r1["adapter"].endswith("round-001/train/adapter/")
+    train = next(s for s in r1["stages"] if s["name"] == "train")
+    assert train["attempts"] == 2 and train["failures"] == 0
+
+    table = subprocess.run([sys.executable, "-m", "selfimprove_operator.cli", "status", str(manifest), "--storage", str(storage)],
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0
+    for header in ("samples", "kept", "mean conf", "train loss", "accuracy", "★ best"):
+        assert header in table.stdout
