@@ -20,6 +20,8 @@ from typing import Any, Sequence
 from .spec import FewShotExample, PromptFormat, TaskSpec
 
 COT_TRIGGER = "Let's think step by step."
+# A model that starts the next "Question:" has finished its answer (sampling and evaluation).
+STOP_SEQUENCES = ("\nQuestion:",)
 
 
 def answer_sentence(answer: str) -> str:
@@ -59,6 +61,10 @@ def render_user_text(task: TaskSpec, question: str, fmt: PromptFormat, exemplars
     return "\n\n".join(parts)
 
 
+def uses_chat_template(task: TaskSpec, tokenizer: Any) -> bool:
+    return bool(task.chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None))
+
+
 def render_prompt(
     task: TaskSpec,
     question: str,
@@ -68,24 +74,26 @@ def render_prompt(
 ) -> str:
     """The full prompt a model sees. Completions are generated (or trained) right after it."""
     text = render_user_text(task, question, fmt, exemplars)
-    if task.chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    if uses_chat_template(task, tokenizer):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
     return text
 
 
-def render_target(fmt: PromptFormat, cot: str | None, answer: str) -> str:
-    """The training completion for a prompt of format `fmt` (leading space: it follows `Answer:`).
+def render_target(fmt: PromptFormat, cot: str | None, answer: str, chat: bool = False) -> str:
+    """The training completion for a prompt of format `fmt`.
 
     `cot` is a full reasoning completion (a sampled path, or `cot_completion` of a labeled
-    rationale); direct formats use the answer sentence alone.
+    rationale); direct formats use the answer sentence alone. In plain text the completion
+    continues `Answer:` after a space; a chat template's assistant turn starts on a fresh line,
+    where the model writes none (`chat=True`).
     """
     if _is_cot(fmt):
         body = cot.strip() if cot else answer_sentence(answer)
     else:
         body = answer_sentence(answer)
-    return " " + body
+    return body if chat else " " + body
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,11 @@ from ..contract import OutputName
 from ..data import Example, load_examples, parse_example
 from ..engines.base import Engine, GenerationOutput, GenerationParams
 from ..errors import BadInput, DataError
-from ..prompts import render_prompt
+from ..prompts import STOP_SEQUENCES, render_prompt
 from ..runtime import StageContext, StageOutcome
 from ..spec import AnswerSpec
 from ..storage import display_name, read_jsonl
 from ..training.data import load_exemplars, resolve_format
-from .sample import STOP  # a model inventing the next "Question:" has finished its answer
 
 PREDICTIONS, SEED_PREDICTIONS = OutputName.PREDICTIONS, OutputName.SEED_PREDICTIONS
 
@@ -68,7 +67,7 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
     try:
         questions = [ex.question for ex in eval_set] + [ex.question for ex in seed_set]
         prompts = [render_prompt(task.task, q, fmt, engine.tokenizer, exemplars) for q in questions]
-        params = GenerationParams(n=1, temperature=0.0, max_tokens=spec.max_tokens, stop=STOP)
+        params = GenerationParams(n=1, temperature=0.0, max_tokens=spec.max_tokens, stop=STOP_SEQUENCES)
         ctx.log.info(f"generating {len(prompts)} greedy answers ({fmt}, "
                      f"{'adapter ' + adapter if adapter else 'base model'})")
         t0 = time.perf_counter()

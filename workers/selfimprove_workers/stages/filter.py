@@ -38,7 +38,7 @@ from ..chat import render_messages
 from ..data import load_examples
 from ..engines.base import Engine, GenerationParams
 from ..errors import BadInput, DataError
-from ..prompts import cot_completion, render_prompt, render_target
+from ..prompts import cot_completion, render_prompt, render_target, uses_chat_template
 from ..runtime import StageContext, StageOutcome
 from ..selection import ds_keep, ds_value, importance_weight, k_center_greedy, parse_score, top_fraction
 from ..spec import (
@@ -187,10 +187,9 @@ def entropy(fr: FilterRun, cands: list[Candidate], spec: EntropyFilter) -> tuple
 def _sft_pairs(fr: FilterRun, engine: Engine, items: Sequence[tuple[str, str, str]]) -> tuple[list[str], list[str]]:
     """(prompt, target) in the zero-shot CoT training format, rendered as the train stage does."""
     task = fr.ctx.task.task
-    chat = bool(task.chat_template and getattr(engine.tokenizer, "chat_template", None))
+    chat = uses_chat_template(task, engine.tokenizer)
     prompts = [render_prompt(task, q, DS_FORMAT, engine.tokenizer) for q, _, _ in items]
-    targets = [render_target(DS_FORMAT, cot, answer) for _, cot, answer in items]
-    return prompts, [t.lstrip() if chat else t for t in targets]
+    return prompts, [render_target(DS_FORMAT, cot, answer, chat) for _, cot, answer in items]
 
 
 def distribution_shift(fr: FilterRun, cands: list[Candidate], spec: DistributionShiftFilter) -> tuple[list[Candidate], dict]:

@@ -24,7 +24,7 @@ from ..answers import extract_answer
 from ..data import load_examples
 from ..engines.base import GenerationParams
 from ..errors import BadInput
-from ..prompts import render_prompt
+from ..prompts import STOP_SEQUENCES, render_prompt
 from ..runtime import StageContext, StageOutcome
 from ..storage import display_name
 from ..training.data import load_exemplars, resolve_format
@@ -32,7 +32,6 @@ from ..voting import vote
 
 # A base model prompted in the plain layout goes on to invent the next exemplar, which starts
 # with "Question:": the path ends there. (The evaluate stage stops at the same string.)
-STOP = ("\nQuestion:",)
 SAMPLES, VOTES = "samples.jsonl", "votes.jsonl"
 
 
@@ -54,7 +53,7 @@ def run(ctx: StageContext) -> StageOutcome:
     adapter = str(ctx.local_dir(task.model.adapter)) if task.model.adapter else None
     seed = spec.seed + task.round
     params = GenerationParams(n=spec.paths, temperature=spec.temperature, top_p=spec.top_p,
-                              max_tokens=spec.max_tokens, seed=seed, stop=STOP)
+                              max_tokens=spec.max_tokens, seed=seed, stop=STOP_SEQUENCES)
 
     from ..engines import load_engine
 

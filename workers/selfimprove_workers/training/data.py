@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import BadInput, DataError
-from ..prompts import TrainingRow, render_prompt, render_target, training_row
+from ..prompts import TrainingRow, render_prompt, render_target, training_row, uses_chat_template
 from ..spec import FewShotExample, PromptFormat, TaskSpec
 from ..storage import Storage, display_name, read_jsonl
 
@@ -39,7 +39,6 @@ __all__ = [
     "load_exemplars",
     "resolve_format",
     "resolve_formats",
-    "uses_chat_template",
     "encode_prompts",
     "encode_examples",
     "plan_epoch",
@@ -107,10 +106,6 @@ def resolve_formats(formats: Iterable[PromptFormat], has_exemplars: bool) -> lis
     """`resolve_format` of each, duplicates removed (order kept): two formats that render the
     same prompt would silently double the weight of those examples."""
     return list(dict.fromkeys(resolve_format(f, has_exemplars) for f in formats))
-
-
-def uses_chat_template(task: TaskSpec, tokenizer: Any) -> bool:
-    return bool(task.chat_template and getattr(tokenizer, "chat_template", None))
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -206,10 +201,7 @@ def encode_examples(
     for row in rows:
         for fmt in formats:
             prompts.append(render_prompt(task, row.question, fmt, tokenizer, exemplars))
-            target = render_target(fmt, row.cot, row.answer)
-            # The leading space continues a plain-text "Answer:"; a chat template's assistant
-            # turn starts on a fresh line, where the model writes no space.
-            targets.append(target.lstrip() if chat else target)
+            targets.append(render_target(fmt, row.cot, row.answer, chat))
     prompt_ids = encode_prompts(tokenizer, prompts)
     target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
