@@ -20,18 +20,20 @@ from typing import Any, Sequence
 from .spec import FewShotExample, PromptFormat, TaskSpec
 
 COT_TRIGGER = "Let's think step by step."
+ANSWER_TEMPLATE = "The answer is {answer}."
 # A model that starts the next "Question:" has finished its answer (sampling and evaluation).
 STOP_SEQUENCES = ("\nQuestion:",)
 
 
-def answer_sentence(answer: str) -> str:
-    return f"The answer is {answer}."
+def answer_sentence(answer: str, template: str = ANSWER_TEMPLATE) -> str:
+    return template.replace("{answer}", str(answer))
 
 
-def cot_completion(rationale: str | None, answer: str) -> str:
-    """The canonical reasoning completion: rationale, then the answer sentence."""
+def cot_completion(rationale: str | None, answer: str, template: str = ANSWER_TEMPLATE) -> str:
+    """The canonical reasoning completion: rationale, then the answer sentence on its own line."""
     rationale = (rationale or "").strip()
-    return f"{rationale}\n{answer_sentence(answer)}" if rationale else answer_sentence(answer)
+    sentence = answer_sentence(answer, template)
+    return f"{rationale}\n{sentence}" if rationale else sentence
 
 
 def _is_cot(fmt: PromptFormat) -> bool:
@@ -42,8 +44,8 @@ def _is_few_shot(fmt: PromptFormat) -> bool:
     return fmt.startswith("fewShot")
 
 
-def _block(question: str, fmt: PromptFormat) -> str:
-    lead = f" {COT_TRIGGER}" if fmt == "zeroShotCot" else ""
+def _block(question: str, fmt: PromptFormat, trigger: str = COT_TRIGGER) -> str:
+    lead = f" {trigger.strip()}" if fmt == "zeroShotCot" and trigger.strip() else ""
     return f"Question: {question.strip()}\nAnswer:{lead}"
 
 
@@ -55,9 +57,10 @@ def render_user_text(task: TaskSpec, question: str, fmt: PromptFormat, exemplars
     if _is_few_shot(fmt):
         shots = list(exemplars) or list(task.few_shot)
         for ex in shots:
-            body = cot_completion(ex.rationale, ex.answer) if _is_cot(fmt) else answer_sentence(ex.answer)
+            template = task.answer_template
+            body = cot_completion(ex.rationale, ex.answer, template) if _is_cot(fmt) else answer_sentence(ex.answer, template)
             parts.append(f"{_block(ex.question, 'fewShotCot' if _is_cot(fmt) else 'fewShotDirect')} {body}")
-    parts.append(_block(question, fmt))
+    parts.append(_block(question, fmt, task.cot_trigger))
     return "\n\n".join(parts)
 
 
@@ -81,7 +84,8 @@ def render_prompt(
     return text
 
 
-def render_target(fmt: PromptFormat, cot: str | None, answer: str, chat: bool = False) -> str:
+def render_target(fmt: PromptFormat, cot: str | None, answer: str, chat: bool = False,
+                  template: str = ANSWER_TEMPLATE) -> str:
     """The training completion for a prompt of format `fmt`.
 
     `cot` is a full reasoning completion (a sampled path, or `cot_completion` of a labeled
@@ -90,9 +94,9 @@ def render_target(fmt: PromptFormat, cot: str | None, answer: str, chat: bool = 
     where the model writes none (`chat=True`).
     """
     if _is_cot(fmt):
-        body = cot.strip() if cot else answer_sentence(answer)
+        body = cot.strip() if cot else answer_sentence(answer, template)
     else:
-        body = answer_sentence(answer)
+        body = answer_sentence(answer, template)
     return body if chat else " " + body
 
 
@@ -106,7 +110,7 @@ class TrainingRow:
     answer: str
 
 
-def training_row(obj: dict[str, Any], where: str) -> TrainingRow:
+def training_row(obj: dict[str, Any], where: str, template: str = ANSWER_TEMPLATE) -> TrainingRow:
     """Read a row of `kept.jsonl` (`question`, `cot`, `answer`) or of a labeled set (`question`,
     `answer` with GSM8K's `rationale #### N`). Raises DataError naming `where` (file:line)."""
     from .data import parse_example
@@ -123,4 +127,4 @@ def training_row(obj: dict[str, Any], where: str) -> TrainingRow:
     ex = parse_example(obj, where)
     if ex.final is None:
         raise DataError(f"{where}: missing \"answer\" (training needs labeled examples)")
-    return TrainingRow(ex.id, ex.question, cot_completion(ex.rationale, ex.final), ex.final)
+    return TrainingRow(ex.id, ex.question, cot_completion(ex.rationale, ex.final, template), ex.final)

@@ -78,6 +78,8 @@ class FewShotExample(WireModel):
 
 
 class TaskSpec(WireModel):
+    """How questions become prompts and completions become answers."""
+
     answer: AnswerSpec = Field(
         default_factory=AnswerSpec, description="Answer type and extraction rule."
     )
@@ -94,10 +96,26 @@ class TaskSpec(WireModel):
     instruction: str | None = Field(
         None, description="Optional instruction placed before the exemplars and the question."
     )
+    cot_trigger: str = Field(
+        "Let's think step by step.", max_length=500,
+        description="Sentence after `Answer:` in zero-shot chain-of-thought prompts (empty: none).",
+    )
+    answer_template: str = Field(
+        "The answer is {answer}.", min_length=8, max_length=500,
+        description="How a completion states its final answer, after the reasoning; must contain "
+        "{answer}. GSM8K's own style is `#### {answer}`.",
+    )
     chat_template: bool = Field(
         True,
         description="Wrap prompts in the tokenizer's chat template when the tokenizer has one.",
     )
+
+    @field_validator("answer_template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{answer}" not in v:
+            raise ValueError("must contain {answer}")
+        return v
 
 
 # --------------------------------------------------------------------------- sampling

@@ -189,7 +189,7 @@ def _sft_pairs(fr: FilterRun, engine: Engine, items: Sequence[tuple[str, str, st
     task = fr.ctx.task.task
     chat = uses_chat_template(task, engine.tokenizer)
     prompts = [render_prompt(task, q, DS_FORMAT, engine.tokenizer) for q, _, _ in items]
-    return prompts, [render_target(DS_FORMAT, cot, answer, chat) for _, cot, answer in items]
+    return prompts, [render_target(DS_FORMAT, cot, answer, chat, task.answer_template) for _, cot, answer in items]
 
 
 def distribution_shift(fr: FilterRun, cands: list[Candidate], spec: DistributionShiftFilter) -> tuple[list[Candidate], dict]:
@@ -333,7 +333,7 @@ def load_validation(ctx: StageContext, answer_spec: Any) -> list[tuple[str, str,
         assert ex.final is not None
         # The final answer as the extractor would read it, so targets read like sampled paths.
         final = extract_answer(ex.final, answer_spec) or ex.final.strip()
-        out.append((ex.question, cot_completion(ex.rationale, final), final))
+        out.append((ex.question, cot_completion(ex.rationale, final, ctx.task.task.answer_template), final))
     return out
 
 

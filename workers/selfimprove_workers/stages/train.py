@@ -62,7 +62,7 @@ def run(ctx: StageContext) -> StageOutcome:
     spec = task.training
     assert spec is not None
     # Data first: a bad line fails the stage before any model is downloaded or loaded.
-    rows = load_training_rows(ctx.storage_for, task.inputs.train)
+    rows = load_training_rows(ctx.storage_for, task.inputs.train, task.task.answer_template)
     exemplars = load_exemplars(ctx.storage_for, task.task)
     model_dir = ctx.local_dir(task.model.base)
     tokenizer = load_tokenizer(model_dir)

@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import BadInput, DataError
-from ..prompts import TrainingRow, render_prompt, render_target, training_row, uses_chat_template
+from ..prompts import ANSWER_TEMPLATE, TrainingRow, render_prompt, render_target, training_row, uses_chat_template
 from ..spec import FewShotExample, PromptFormat, TaskSpec
 from ..storage import Storage, display_name, read_jsonl
 
@@ -59,14 +59,14 @@ StorageFor = Callable[[str], Storage]
 
 
 # --------------------------------------------------------------------------- loading
-def load_training_rows(storage_for: StorageFor, uris: Sequence[str]) -> list[TrainingRow]:
+def load_training_rows(storage_for: StorageFor, uris: Sequence[str], template: str = ANSWER_TEMPLATE) -> list[TrainingRow]:
     """Every row of every training file, in file order. A bad line raises DataError `file:line`."""
     rows: list[TrainingRow] = []
     for uri in uris:
         shown = display_name(uri)
         n = len(rows)
         for lineno, obj in read_jsonl(storage_for(uri), uri):
-            rows.append(training_row(obj, f"{shown}:{lineno}"))
+            rows.append(training_row(obj, f"{shown}:{lineno}", template))
         log.info(f"{shown}: {len(rows) - n} training rows")
     if not rows:
         raise BadInput(f"inputs.train: no training examples in {', '.join(map(display_name, uris))}")
@@ -201,7 +201,7 @@ def encode_examples(
     for row in rows:
         for fmt in formats:
             prompts.append(render_prompt(task, row.question, fmt, tokenizer, exemplars))
-            targets.append(render_target(fmt, row.cot, row.answer, chat))
+            targets.append(render_target(fmt, row.cot, row.answer, chat, task.answer_template))
     prompt_ids = encode_prompts(tokenizer, prompts)
     target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id

@@ -1,0 +1,135 @@
+"""A synthetic arithmetic task with a written-out chain of thought, for the CPU demo.
+
+A question asks for the sum of a few small numbers; the worked answer adds them one at a time,
+in an order drawn at random, and ends with `#### N`:
+
+    Question: What is 37 + 85 + 14?
+    Answer: 37 + 14 = 51, 51 + 85 = 136 #### 136
+
+Why this task: LMSI only works where sampling many reasoning paths and voting beats the single
+greedy path. Addition is commutative, so the same question has several valid paths with
+different intermediate sums; a tiny model's slips land on different steps in different paths
+and mostly disagree with each other, while correct paths all agree. That is the diversity the
+majority vote feeds on. Everything is driven by the `random.Random` passed in, so a seed fixes
+every split.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TaskConfig",
+    "make_problem",
+    "make_cot",
+    "parse_answer",
+    "format_prompt",
+    "write_splits",
+    "read_jsonl",
+]
+
+ANSWER_MARK = "####"
+_ANSWER_RE = re.compile(r"####\s*(-?\d+)")
+
+
+class TaskConfig:
+    """Difficulty knobs. Defaults are the ones the research report recommends."""
+
+    def __init__(self, min_terms: int = 3, max_terms: int = 4, min_value: int = 10, max_value: int = 99):
+        if not 2 <= min_terms <= max_terms:
+            raise ValueError("need 2 <= min_terms <= max_terms")
+        if not 0 <= min_value <= max_value:
+            raise ValueError("need 0 <= min_value <= max_value")
+        self.min_terms, self.max_terms = min_terms, max_terms
+        self.min_value, self.max_value = min_value, max_value
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(min_terms=self.min_terms, max_terms=self.max_terms,
+                    min_value=self.min_value, max_value=self.max_value)
+
+
+def format_prompt(question: str) -> str:
+    """The zero-shot prompt the pipeline's prompt builder uses; the model continues with ` {cot} #### {n}`."""
+    return f"Question: {question}\nAnswer:"
+
+
+def make_cot(terms: list[int], order: list[int]) -> str:
+    """Worked solution that adds `terms` in the given index order, ending with `#### total`."""
+    acc = terms[order[0]]
+    steps = []
+    for i in order[1:]:
+        new = acc + terms[i]
+        steps.append(f"{acc} + {terms[i]} = {new}")
+        acc = new
+    return f"{', '.join(steps)} {ANSWER_MARK} {acc}"
+
+
+def make_problem(rng: random.Random, config: TaskConfig | None = None) -> dict[str, Any]:
+    """One problem: `question` (plain text) and `answer` (CoT ending in `#### N`).
+
+    The answer's summation order is random: the warm-start data has to show the model that
+    several orders are valid, otherwise it samples one order only and the vote has nothing
+    independent to compare.
+    """
+    cfg = config or TaskConfig()
+    n = rng.randint(cfg.min_terms, cfg.max_terms)
+    terms = [rng.randint(cfg.min_value, cfg.max_value) for _ in range(n)]
+    order = list(range(n))
+    rng.shuffle(order)
+    question = "What is " + " + ".join(str(t) for t in terms) + "?"
+    return {"question": question, "answer": make_cot(terms, order), "target": sum(terms)}
+
+
+def parse_answer(text: str) -> str | None:
+    """The final number after `####` (the first one; generation stops at EOS after it)."""
+    m = _ANSWER_RE.search(text)
+    return m.group(1) if m else None
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_splits(out_dir: str | Path, seed: int, n_warm: int, n_unlabeled: int, n_eval: int,
+                 config: TaskConfig | None = None) -> dict[str, Path]:
+    """Write `warmstart.jsonl`, `unlabeled.jsonl` and `eval.jsonl` under `out_dir`.
+
+    Labeled rows are `{"id", "question", "answer"}`; unlabeled rows are `{"id", "question"}` only,
+    so nothing downstream can peek at an answer key (LMSI must label them by voting alone). Questions are
+    unique across all three splits, so evaluation never sees a question the model trained on.
+    """
+    rng = random.Random(f"selfimprove-demo-arith-{seed}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for name, count in (("warmstart", n_warm), ("unlabeled", n_unlabeled), ("eval", n_eval)):
+        rows = []
+        while len(rows) < count:
+            p = make_problem(rng, config)
+            if p["question"] in seen:
+                continue
+            seen.add(p["question"])
+            row = {"id": f"{name}-{len(rows):05d}", "question": p["question"]}
+            if name != "unlabeled":
+                row["answer"] = p["answer"]
+            rows.append(row)
+        splits[name] = rows
+    paths = {}
+    for name, rows in splits.items():
+        paths[name] = out / f"{name}.jsonl"
+        _write_jsonl(paths[name], rows)
+    return paths
