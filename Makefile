@@ -1,4 +1,4 @@
-# `make test` is the README's test command (and .ci/run's); it builds .venv first.
+# `make demo` and `make test` are the README's two commands; both build .venv first.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast crd clean
+.PHONY: venv test test-fast demo crd clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/selfimprove demo
 
 crd: $(STAMP)
 	$(VENV)/bin/selfimprove crd

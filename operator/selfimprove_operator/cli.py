@@ -71,7 +71,8 @@ def _load_one(file: str):
     return runs[0]
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def run_with_view(run, storage: str | None, workdir: str | None = None, stage_command: list[str] | None = None):
+    """Run `run` locally with the live view; returns (final status, interrupted)."""
     import signal
     import threading
 
@@ -80,10 +81,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .local import LocalExecutor, local_run
     from .view import live_view, summary
 
-    run = _load_one(args.file)
-    if run is None:
-        return 2  # nothing ran: the manifest is invalid
-    run = local_run(run, args.storage)
+    run = local_run(run, storage)
     console = _console()
     events: list[str] = []
     stop = threading.Event()
@@ -105,18 +103,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Ctrl-C: stop the stage cleanly; the next `selfimprove run` resumes.
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    executor = LocalExecutor(
-        run, workdir=Path(args.workdir) if args.workdir else None, on_update=on_update, on_event=on_event,
-        stage_command=shlex.split(args.stage_command) if args.stage_command else None,
-    )
+    executor = LocalExecutor(run, workdir=Path(workdir) if workdir else None, on_update=on_update,
+                             on_event=on_event, stage_command=stage_command)
     console.print(f"artifacts: {executor.store.uri.rsplit('/', 1)[0]}/   stage logs: {executor.workdir}/", highlight=False)
     with live if console.is_terminal else _nullcontext():
         status = executor.run_to_end(stop)
     console.print(summary(status))
     if stop.is_set():
         console.print("interrupted: run the same command again to resume", style="yellow")
+    return status, stop.is_set()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    run = _load_one(args.file)
+    if run is None:
+        return 2  # nothing ran: the manifest is invalid
+    command = shlex.split(args.stage_command) if args.stage_command else None
+    status, interrupted = run_with_view(run, args.storage, args.workdir, command)
+    if interrupted:
         return 130
     return 0 if status.phase == "Succeeded" else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.seed, storage=args.storage, cache=Path(args.cache), manifest=Path(args.manifest))
 
 
 class _nullcontext:
@@ -183,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-command", help="command a stage's task file is appended to "
                    "(default: this Python's `-m selfimprove_workers`)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="the CPU demo: a tiny Llama improves itself at arithmetic (LMSI)")
+    p.add_argument("--seed", type=int, default=0, help="data, model and sampling seed")
+    p.add_argument("--storage", default="./runs", help="artifact storage (default ./runs)")
+    p.add_argument("--cache", default=".cache/demo", help="where the data and warm-started model are kept")
+    p.add_argument("--manifest", default="examples/local-arithmetic.yaml", help="the demo's run manifest")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("status", help="print the rounds table of a local run")
     p.add_argument("file", metavar="FILE")
