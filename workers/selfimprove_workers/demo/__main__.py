@@ -21,14 +21,13 @@ from .warmstart import warm_start
 DEFAULTS = {
     "n_warm": 2000,
     "n_unlabeled": 400,
-    "n_eval": 200,
-    "steps": 1800,
-    "lr": 2e-3,
+    "n_eval": 300,
+    "steps": 2400,
+    "lr": 3e-3,
     "batch_size": 16,
     "model": {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 256, "max_positions": 256},
-    "task": {"min_terms": 3, "max_terms": 4, "min_value": 10, "max_value": 99},
+    "task": {"min_terms": 4, "max_terms": 6, "min_value": 1, "max_value": 9},
 }
-
 
 def prepare(seed: int, out: Path, params: dict | None = None) -> dict:
     p = {**DEFAULTS, **(params or {})}
