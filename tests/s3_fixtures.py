@@ -108,7 +108,13 @@ def moto_auth_enforced(server: S3Server) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """Session-wide moto S3 server on a free port, with fake credentials in the environment."""
-    from moto.server import ThreadedMotoServer
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        # A developer's partial install skips the S3 tests; CI must run them.
+        if os.environ.get("CI"):
+            pytest.fail("moto[server] is not installed, and CI must run the S3 tests")
+        pytest.skip("moto[server] is not installed")
 
     mp = pytest.MonkeyPatch()
     for name in _HIDDEN_ENV:
