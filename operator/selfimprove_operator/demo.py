@@ -34,13 +34,19 @@ def _for_seed(run, seed: int, cache: Path):
 def prepare(seed: int, cache: Path) -> dict:
     out = cache / f"seed-{seed}"
     print(f"preparing the demo (seed {seed}): data and warm-started model under {out}/ (cached)", flush=True)
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "selfimprove_workers.demo", "prepare", "--seed", str(seed), "--out", str(out)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, bufsize=1,
     )
-    if proc.returncode != 0:
+    result = None
+    for line in proc.stdout:  # warm-start progress as it comes; the last line is the result
+        if line.startswith("{"):
+            result = json.loads(line)
+        else:
+            print(line, end="", flush=True)
+    if proc.wait() != 0 or result is None:
         raise SystemExit(f"demo preparation failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def run_demo(seed: int, *, storage: str, cache: Path, manifest: Path) -> int:
