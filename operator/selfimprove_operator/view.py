@@ -16,17 +16,33 @@ def _num(v, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
 
 
+COLUMNS = (  # (header, RoundStatus field, format); a column no round has a value for is left out
+    ("samples", "samples", "d"),
+    ("kept", "kept", "d"),
+    ("mean conf", "mean_confidence", ".3f"),
+    ("augmented", "augmented", "d"),
+    ("train loss", "train_loss", ".4f"),
+    ("seed acc", "seed_accuracy", ".1%"),
+)
+
+
 def rounds_table(status: SelfImproveRunStatus, title: str | None = None) -> Table:
+    """One row per round, the best one marked. Columns of the strategy's stages only (LMSI has
+    no augmented count, LLM2LLM no samples); LMSI's always show, so the table's shape is stable."""
     table = Table(title=title, title_justify="left")
-    for col, just in (("round", "right"), ("samples", "right"), ("kept", "right"), ("mean conf", "right"),
-                      ("augmented", "right"), ("train loss", "right"), ("accuracy", "right"), ("", "left")):
-        table.add_column(col, justify=just)
+    always = {"samples", "kept", "mean_confidence", "train_loss"}
+    shown = [c for c in COLUMNS if c[1] in always or any(getattr(r, c[1]) is not None for r in status.rounds)]
+    table.add_column("round", justify="right")
+    for header, _, _ in shown:
+        table.add_column(header, justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("", justify="left")
     for r in status.rounds:
         best = r.round == status.best_round
         table.add_row(
-            str(r.round), _num(r.samples, "d"), _num(r.kept, "d"), _num(r.mean_confidence, ".3f"),
-            _num(r.augmented, "d"), _num(r.train_loss, ".4f"),
-            _num(r.accuracy, ".1%") if r.accuracy is not None else "—",
+            str(r.round),
+            *(_num(getattr(r, name), fmt) for _, name, fmt in shown),
+            _num(r.accuracy, ".1%"),
             Text("★ best", style="bold yellow") if best else "",
         )
     return table
