@@ -64,6 +64,11 @@ class VllmEngine:
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
             os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # before torch's dynamo reads it
+            # Run the engine core in this process. Its own process buys overlap of scheduling
+            # with GPU kernels; on CPU both share the same cores, and spawning it re-imports
+            # torch and vLLM: measured on 2 cores, start-up 21.5 s -> 3.7 s, shutdown 4.6 s -> 1.2 s,
+            # and sampling 9.2k -> 10.2k tokens/s.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM's own handlers print plain text; without them its records reach our JSON handler.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         from vllm import LLM
