@@ -315,7 +315,7 @@ def test_the_trained_adapter_generates_the_same_in_vllm_peft_and_merged(train_mo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selfimprove_workers.engines import load_engine
+    from selfimprove_workers.engines import load_engine, open_model
     from selfimprove_workers.engines.base import GenerationParams, encode_prompt
     from selfimprove_workers.spec import EngineSpec
 
@@ -351,7 +351,17 @@ def test_the_trained_adapter_generates_the_same_in_vllm_peft_and_merged(train_mo
         served[kind] = [o.completions[0].text for o in with_adapter]
         served[kind + " base"] = [o.completions[0].text for o in without]
 
-    assert served["transformers"] == served["vllm"] == merged_out
+    # engine.mergeAdapter: the stages serve a merged copy instead of LoRA, with the same output.
+    engine, left = open_model(EngineSpec(kind="vllm", mergeAdapter=True), train_model_dir, adapter, gpus=0, seed=0,
+                              workdir=tmp_path / "stage-work")
+    try:
+        assert left is None and not engine.lora_enabled
+        served["vllm merged"] = [o.completions[0].text for o in engine.generate(prompts, greedy)]
+    finally:
+        engine.close()
+    assert (tmp_path / "stage-work" / "merged-model" / "config.json").exists()
+
+    assert served["transformers"] == served["vllm"] == served["vllm merged"] == merged_out
     # It learned its targets' form (a tiny random model does not learn the sums themselves)…
     assert all(o.startswith(" The answer is ") for o in merged_out), merged_out
     assert served["vllm base"] != served["vllm"]  # …and it is the adapter that makes the difference

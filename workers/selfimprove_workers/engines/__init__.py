@@ -12,7 +12,7 @@ from ..errors import BadInput
 from ..spec import EngineSpec
 from .base import Completion, Engine, GenerationOutput, GenerationParams
 
-__all__ = ["load_engine", "Engine", "GenerationParams", "GenerationOutput", "Completion"]
+__all__ = ["load_engine", "open_model", "Engine", "GenerationParams", "GenerationOutput", "Completion"]
 
 
 def load_engine(spec: EngineSpec, model_dir: Path, *, gpus: int, seed: int, enable_lora: bool) -> Engine:
@@ -35,3 +35,18 @@ def load_engine(spec: EngineSpec, model_dir: Path, *, gpus: int, seed: int, enab
     from .transformers_engine import TransformersEngine
 
     return TransformersEngine(spec, model_dir, gpus=gpus, seed=seed, enable_lora=enable_lora)
+
+
+def open_model(spec: EngineSpec, model_dir: Path, adapter: str | None, *, gpus: int, seed: int,
+               workdir: Path) -> tuple[Engine, str | None]:
+    """An engine serving `model_dir` plus `adapter`, and the adapter to pass to `generate`.
+
+    With `spec.merge_adapter` the adapter is merged into a copy of the base under `workdir`
+    first and the engine serves that plain model (the returned adapter is then None).
+    """
+    if adapter is not None and spec.merge_adapter:
+        from .hf import merge_adapter
+
+        model_dir = merge_adapter(Path(model_dir), Path(adapter), Path(workdir) / "merged-model")
+        adapter = None
+    return load_engine(spec, model_dir, gpus=gpus, seed=seed, enable_lora=adapter is not None), adapter

@@ -53,6 +53,30 @@ def load_causal_lm(model_dir: Path, dtype: str, device: str) -> Any:
     return model.to(device).eval()
 
 
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """Write base + LoRA adapter, merged into plain weights (the base's dtype), to `out_dir`.
+
+    Written beside and renamed into place, so a crash never leaves a half model to be served.
+    """
+    import shutil
+    import time
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    model.save_pretrained(str(work), safe_serialization=True)
+    load_tokenizer(base_dir).save_pretrained(str(work))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    work.rename(out_dir)
+    log.info(f"merged adapter {adapter_dir} into {out_dir} in {time.monotonic() - t0:.1f}s")
+    return out_dir
+
+
 def context_length(model: Any, limit: int | None) -> int:
     cfg_len = getattr(model.config, "max_position_embeddings", None) or 2048
     return min(limit, cfg_len) if limit else cfg_len

@@ -59,11 +59,12 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
 
     adapter = str(ctx.local_dir(task.model.adapter)) if task.model.adapter else None
     own = engine is None
+    served_adapter = adapter
     if engine is None:
-        from ..engines import load_engine
+        from ..engines import open_model
 
-        engine = load_engine(task.engine, ctx.local_dir(task.model.base), gpus=task.gpus, seed=0,
-                             enable_lora=adapter is not None)
+        engine, served_adapter = open_model(task.engine, ctx.local_dir(task.model.base), adapter,
+                                            gpus=task.gpus, seed=0, workdir=ctx.workdir)
     try:
         questions = [ex.question for ex in eval_set] + [ex.question for ex in seed_set]
         prompts = [render_prompt(task.task, q, fmt, engine.tokenizer, exemplars) for q in questions]
@@ -71,7 +72,7 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
         ctx.log.info(f"generating {len(prompts)} greedy answers ({fmt}, "
                      f"{'adapter ' + adapter if adapter else 'base model'})")
         t0 = time.perf_counter()
-        outputs = engine.generate(prompts, params, adapter=adapter,
+        outputs = engine.generate(prompts, params, adapter=served_adapter,
                                   progress=lambda done, total: ctx.progress(done, total, "answers"))
         seconds = time.perf_counter() - t0
     finally:

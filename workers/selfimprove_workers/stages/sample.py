@@ -55,10 +55,10 @@ def run(ctx: StageContext) -> StageOutcome:
     params = GenerationParams(n=spec.paths, temperature=spec.temperature, top_p=spec.top_p,
                               max_tokens=spec.max_tokens, seed=seed, stop=STOP_SEQUENCES)
 
-    from ..engines import load_engine
+    from ..engines import open_model
 
-    engine = load_engine(task.engine, ctx.local_dir(task.model.base), gpus=task.gpus, seed=seed,
-                         enable_lora=adapter is not None)
+    engine, served_adapter = open_model(task.engine, ctx.local_dir(task.model.base), adapter,
+                                        gpus=task.gpus, seed=seed, workdir=ctx.workdir)
     try:
         prompts = [render_prompt(task.task, q.question, fmt, engine.tokenizer, exemplars) for q in questions]
         total = len(prompts) * spec.paths
@@ -66,7 +66,7 @@ def run(ctx: StageContext) -> StageOutcome:
                      f"T={spec.temperature}, {'adapter ' + adapter if adapter else 'base model'})")
         ctx.progress(0, total, "paths")
         t0 = time.perf_counter()
-        outputs = engine.generate(prompts, params, adapter=adapter,
+        outputs = engine.generate(prompts, params, adapter=served_adapter,
                                   progress=lambda done, all_: ctx.progress(done, all_, "paths"))
         seconds = time.perf_counter() - t0
         engine_kind = engine.kind
