@@ -60,7 +60,8 @@ def run_demo(seed: int, *, storage: str, cache: Path, manifest: Path) -> int:
         return 2
     prepared = prepare(seed, cache)
     ws = prepared["warmStart"]
-    print(f"warm-start: {ws['steps']} steps on {ws['examples']} labeled examples, loss {ws['final_loss']:.3f}"
+    dev = f", dev greedy accuracy {ws['dev_accuracy']:.1%}" if ws.get("dev_accuracy") is not None else ""
+    print(f"warm-start: {ws['steps']} steps on {ws['examples']} labeled examples, loss {ws['final_loss']:.3f}{dev}"
           + (" (cached)" if ws.get("cached") else f" in {ws['train_seconds']:.0f}s"), flush=True)
     status, interrupted = run_with_view(_for_seed(run, seed, cache), storage)
     if interrupted:

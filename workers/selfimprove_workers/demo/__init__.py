@@ -2,5 +2,5 @@
 
 `arithmetic` generates the task, `tinymodel` builds the model and tokenizer (also a test
 fixture), `warmstart` trains the model to partial accuracy on a small labeled set. See
-RESEARCH.md for the measurements behind the default parameters.
+docs/demo-research.md for the measurements behind the default parameters.
 """

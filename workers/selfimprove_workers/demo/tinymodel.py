@@ -120,7 +120,6 @@ def build_tiny_llama(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        max_length=max_positions,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
