@@ -159,3 +159,26 @@ def test_prepare_command_writes_everything_and_caches(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").exists()
     second = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     assert second["warmStart"]["cached"] and second["warmStart"]["key"] == first["warmStart"]["key"]
+
+
+def test_ctrl_c_during_the_warm_start_exits_130_and_the_next_prepare_starts_clean(tmp_path):
+    import signal
+    import time
+
+    base = {"n_warm": 32, "n_unlabeled": 4, "n_eval": 4, "n_dev": 4, "target_accuracy": None, "model": TINY}
+    cmd = [sys.executable, "-m", "selfimprove_workers.demo", "prepare", "--seed", "1", "--out", str(tmp_path)]
+    proc = subprocess.Popen([*cmd, "--params", json.dumps({**base, "steps": 10**6})],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "model.tmp" / "model.safetensors").exists():  # training has begun
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert not (tmp_path / "model").exists()  # nothing half-trained where a finished model goes
+
+    done = subprocess.run([*cmd, "--params", json.dumps({**base, "steps": 3})], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["warmStart"]["steps"] == 3
+    assert (tmp_path / "model" / "model.safetensors").exists() and not (tmp_path / "model.tmp").exists()

@@ -39,11 +39,15 @@ def prepare(seed: int, cache: Path) -> dict:
         stdout=subprocess.PIPE, text=True, bufsize=1,
     )
     result = None
-    for line in proc.stdout:  # warm-start progress as it comes; the last line is the result
-        if line.startswith("{"):
-            result = json.loads(line)
-        else:
-            print(line, end="", flush=True)
+    try:
+        for line in proc.stdout:  # warm-start progress as it comes; the last line is the result
+            if line.startswith("{"):
+                result = json.loads(line)
+            else:
+                print(line, end="", flush=True)
+    except KeyboardInterrupt:  # the worker got the same SIGINT; let it clean up and go
+        proc.wait()
+        raise
     if proc.wait() != 0 or result is None:
         raise SystemExit(f"demo preparation failed (exit {proc.returncode})")
     return result
@@ -58,7 +62,11 @@ def run_demo(seed: int, *, storage: str, cache: Path, manifest: Path) -> int:
     except ManifestInvalid as exc:
         print(exc, file=sys.stderr)
         return 2
-    prepared = prepare(seed, cache)
+    try:
+        prepared = prepare(seed, cache)
+    except KeyboardInterrupt:
+        print("\ninterrupted during the preparation; the next demo starts the warm-start again", file=sys.stderr)
+        return 130
     ws = prepared["warmStart"]
     dev = f", dev greedy accuracy {ws['dev_accuracy']:.1%}" if ws.get("dev_accuracy") is not None else ""
     print(f"warm-start: {ws['steps']} steps on {ws['examples']} labeled examples, loss {ws['final_loss']:.3f}{dev}"

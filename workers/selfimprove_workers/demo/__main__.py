@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--params", default="{}", help="JSON overriding DEFAULTS (tests use a small setup)")
     args = parser.parse_args(argv)
-    result = prepare(args.seed, args.out, json.loads(args.params))
+    try:
+        result = prepare(args.seed, args.out, json.loads(args.params))
+    except KeyboardInterrupt:  # Ctrl-C in `selfimprove demo`; it reports the interruption
+        return 130
     print(json.dumps(result), flush=True)
     return 0
 
