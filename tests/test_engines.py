@@ -77,6 +77,22 @@ def test_progress_reports_the_end(engine) -> None:
     assert calls and calls[-1] == (len(PROMPTS) * SAMPLED.n, len(PROMPTS) * SAMPLED.n)
 
 
+@pytest.mark.vllm
+def test_vllm_generates_in_bounded_chunks_with_the_same_result(vllm_engine, monkeypatch) -> None:
+    """Splitting one generation into several LLM.generate calls (to bound what vLLM holds)
+    changes nothing: per-prompt seeds, order and progress are those of the whole."""
+    import selfimprove_workers.engines.vllm_engine as module
+
+    whole = _texts(vllm_engine.generate(PROMPTS, SAMPLED))
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(module, "GENERATE_CHUNK", SAMPLED.n)  # one prompt per call
+    chunked = vllm_engine.generate(PROMPTS, SAMPLED, progress=lambda done, total: calls.append((done, total)))
+    assert _texts(chunked) == whole and [o.prompt for o in chunked] == PROMPTS
+    total = len(PROMPTS) * SAMPLED.n
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1] == (total, total)
+    assert {t for _, t in calls} == {total}
+
+
 def test_a_prompt_longer_than_the_context_is_bad_input(engine) -> None:
     long_prompt = "x" * (engine.max_model_len + 10)
     with pytest.raises(BadInput, match="context"):

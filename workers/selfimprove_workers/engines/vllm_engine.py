@@ -46,6 +46,7 @@ log = logging.getLogger("selfimprove.engine")
 
 CPU_KV_CACHE_GIB = 2
 SCORE_CHUNK = 4096           # sequences per prompt-logprobs call
+GENERATE_CHUNK = 16384       # completions per LLM.generate call
 CPU_BATCHED_TOKENS = 4096    # tokens per scheduler step on CPU: vLLM's CPU default for LLM
 PROGRESS_EVERY_S = 10.0
 
@@ -153,18 +154,27 @@ class VllmEngine:
         ]
         if not requests:
             return []
-        results = self.llm.generate(
-            requests, sampling, lora_request=self._lora_request(adapter),
-            use_tqdm=_progress_bar(progress) if progress else False,
-        )
+        lora = self._lora_request(adapter)
+        per_prompt = 1 if greedy else params.n
+        # LLM.generate holds every finished request (its token ids included) until the last one
+        # is done; at GSM8K x 32 paths that is gigabytes. Calls of GENERATE_CHUNK completions
+        # keep it bounded while each still fills the scheduler for many waves.
+        step = max(1, GENERATE_CHUNK // per_prompt)
         outputs = []
-        for p, e, r in zip(prompts, encoded, results):
-            completions = [Completion(text=c.text, tokens=len(c.token_ids), finish_reason=c.finish_reason)
-                           for c in sorted(r.outputs, key=lambda c: c.index)]
-            if greedy:
-                completions = [Completion(c.text, c.tokens, c.finish_reason) for c in completions
-                               for _ in range(params.n)]
-            outputs.append(GenerationOutput(prompt=p, prompt_tokens=len(e), completions=completions))
+        for start in range(0, len(requests), step):
+            results = self.llm.generate(
+                requests[start : start + step], sampling[start : start + step], lora_request=lora,
+                use_tqdm=_progress_bar(progress, start * per_prompt, len(requests) * per_prompt)
+                if progress else False,
+            )
+            for p, e, r in zip(prompts[start : start + step], encoded[start : start + step], results):
+                completions = [Completion(text=c.text, tokens=len(c.token_ids), finish_reason=c.finish_reason)
+                               for c in sorted(r.outputs, key=lambda c: c.index)]
+                if greedy:
+                    completions = [Completion(c.text, c.tokens, c.finish_reason) for c in completions
+                                   for _ in range(params.n)]
+                outputs.append(GenerationOutput(prompt=p, prompt_tokens=len(e), completions=completions))
+            del results
         return outputs
 
     # ------------------------------------------------------------------ scoring
@@ -258,9 +268,10 @@ def _adapter_rank(path: Path) -> int | None:
     return int(r) if isinstance(r, int) else None
 
 
-def _progress_bar(progress: ProgressFn) -> Any:
+def _progress_bar(progress: ProgressFn, done_before: int, total: int) -> Any:
     """A tqdm class for `LLM.generate(use_tqdm=...)` that reports through `progress` instead of
-    drawing a bar: vLLM counts finished completions, we forward them every few seconds."""
+    drawing a bar: vLLM counts finished completions of this call, we forward them every few
+    seconds as `done_before + n` of the whole generation's `total`."""
     import io
 
     from tqdm import tqdm
@@ -275,7 +286,7 @@ def _progress_bar(progress: ProgressFn) -> Any:
             out = super().update(n)
             now = time.monotonic()
             if self.n >= (self.total or 0) or now - self._last > PROGRESS_EVERY_S:
-                progress(int(self.n), int(self.total or 0))
+                progress(min(total, done_before + int(self.n)), total)
                 self._last = now
             return out
 
