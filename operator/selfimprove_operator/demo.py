@@ -33,7 +33,8 @@ def _for_seed(run, seed: int, cache: Path):
 
 def prepare(seed: int, cache: Path) -> dict:
     out = cache / f"seed-{seed}"
-    print(f"preparing the demo (seed {seed}): data and warm-started model under {out}/ (cached)", flush=True)
+    print(f"preparing the demo (seed {seed}): data and warm-started model under {out}/ "
+          "(kept there: the next demo skips this)", flush=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "selfimprove_workers.demo", "prepare", "--seed", str(seed), "--out", str(out)],
         stdout=subprocess.PIPE, text=True, bufsize=1,

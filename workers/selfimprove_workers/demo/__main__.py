@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--params", default="{}", help="JSON overriding DEFAULTS (tests use a small setup)")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo prints its own progress, one line per check
     try:
         result = prepare(args.seed, args.out, json.loads(args.params))
     except KeyboardInterrupt:  # Ctrl-C in `selfimprove demo`; it reports the interruption
