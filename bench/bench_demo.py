@@ -48,7 +48,9 @@ def main() -> int:
         accs = [r["accuracy"] for r in status["rounds"]]
         warm = json.loads((Path(args.cache) / f"seed-{seed}" / "model" / "warmstart.json").read_text())["metrics"]
         rounds_s = (_ts(status["rounds"][-1]["completionTime"]) - _ts(status["rounds"][0]["startTime"]))
-        warm["cached"] = "(cached)" in proc.stdout  # the demo says so when it skipped training
+        # the demo's "warm-start: ..." line ends in "(cached)" when it skipped training
+        warm["cached"] = any(line.startswith("warm-start:") and line.rstrip().endswith("(cached)")
+                             for line in proc.stdout.splitlines())
         rows.append((seed, accs, seconds, warm, rounds_s))
     print(f"{'seed':>4}  " + "  ".join(f"round {i:>2}" for i in range(len(rows[0][1])))
           + "   gain   warm-start (steps, dev acc, s)   rounds   total")
