@@ -451,6 +451,27 @@ async def test_a_plan_from_a_stale_copy_is_never_acted_upon():
 
 
 @pytest.mark.asyncio
+async def test_a_conflict_is_a_replan_even_when_a_watch_event_lands_during_the_patch():
+    """CI caught this race: the newer copy arrived by watch while the patch was in flight, the
+    fresh GET matched it, and the conflict was taken for a status the API rejects."""
+    c, kube = _controller()
+    key = ("ns", "demo")
+    newer = copy.deepcopy(kube.objects["run"])
+    newer["metadata"]["resourceVersion"] = "9"
+
+    async def patch_losing_the_race(path, ops):
+        kube.calls.append(("patch", path))
+        kube.objects["run"] = copy.deepcopy(newer)  # someone else wrote meanwhile...
+        c.run_event("MODIFIED", copy.deepcopy(newer))  # ...and its watch event came in first
+        raise ApiError(422, "Invalid", "9 is not equal to tested value 7")
+
+    kube.json_patch = patch_losing_the_race
+    await c.reconcile(key)  # no exception: nothing to count as a reconcile error
+    assert [k for k, _ in kube.calls] == ["patch", "get"] and c.queue._queued == {key}
+    c.queue.close()
+
+
+@pytest.mark.asyncio
 async def test_a_status_the_api_rejects_is_an_error_not_a_loop():
     c, kube = _controller()
     kube.fail_patch = ApiError(422, "Invalid", "status.rounds[0].stages[0].state: Unsupported value")

@@ -382,9 +382,13 @@ class Controller:
             current = (parsed or SelfImproveRunStatus.model_validate(raw)).wire() if raw else None
         except ValidationError:
             current = None
-        ops = status_patch(raw, wire, _rv(state.body)) if current != wire else []
+        # The version the patch tests, taken now: a watch event may replace state.body while the
+        # request is in flight, and comparing the fresh copy with *that* would call a plain
+        # conflict a rejected status.
+        tested = _rv(state.body)
+        ops = status_patch(raw, wire, tested) if current != wire else []
         if not ops:  # nothing changed (or only the order of conditions: the store's order stands)
-            state.status, state.status_rv = new, _rv(state.body)
+            state.status, state.status_rv = new, tested
             return True
         namespace, name = key
         try:
@@ -393,7 +397,6 @@ class Controller:
             if exc.not_found:
                 return False
             if exc.conflict:
-                tested = _rv(state.body)
                 fresh = await self.kube.get(run_path(namespace, name))
                 state.body, state.pinned_rv = fresh, _rv(fresh)
                 if _rv(fresh) == tested:
