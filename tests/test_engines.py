@@ -93,6 +93,41 @@ def test_vllm_generates_in_bounded_chunks_with_the_same_result(vllm_engine, monk
     assert {t for _, t in calls} == {total}
 
 
+@pytest.mark.vllm
+def test_vllm_on_cpu_runs_its_engine_core_in_the_stage_process_unless_werkzeug_is_loaded(tiny_model_dir) -> None:
+    """A fresh process (a stage) starts the engine core in-process; one that holds werkzeug's
+    context proxies (as this test process does, for moto) keeps vLLM's own engine process, which
+    is the only way vLLM starts there at all. Both generate the same greedy text."""
+    require_vllm()
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import contextvars, json, sys\n"
+        "if sys.argv[2] == 'werkzeug':\n"
+        "    import werkzeug.local\n"
+        "    proxy = werkzeug.local.LocalProxy(contextvars.ContextVar('app'))  # unbound, like flask's\n"
+        "from selfimprove_workers.engines import load_engine\n"
+        "from selfimprove_workers.engines.base import GenerationParams\n"
+        "from selfimprove_workers.spec import EngineSpec\n"
+        "engine = load_engine(EngineSpec(kind='vllm'), sys.argv[1], gpus=0, seed=0, enable_lora=False)\n"
+        "out = engine.generate([sys.argv[3]], GenerationParams(n=1, temperature=0.0, max_tokens=8))\n"
+        "print(json.dumps({'in_process': engine.in_process, 'text': out[0].completions[0].text}))\n"
+        "engine.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    results = {}
+    for mode in ("plain", "werkzeug"):
+        proc = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), mode, PROMPTS[0]], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["plain"]["in_process"] is True and results["werkzeug"]["in_process"] is False
+    assert results["plain"]["text"] == results["werkzeug"]["text"]
+
+
 def test_a_prompt_longer_than_the_context_is_bad_input(engine) -> None:
     long_prompt = "x" * (engine.max_model_len + 10)
     with pytest.raises(BadInput, match="context"):

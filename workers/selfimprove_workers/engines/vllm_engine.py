@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,6 +52,18 @@ CPU_BATCHED_TOKENS = 4096    # tokens per scheduler step on CPU: vLLM's CPU defa
 PROGRESS_EVERY_S = 10.0
 
 
+def _inprocess_safe() -> bool:
+    """Whether vLLM's engine core can start inside this process.
+
+    On CPU, vLLM's start-up rebinds kernels by scanning every attribute of every loaded module
+    (vllm/triton_utils/dispatcher.py, `_rebind_kernels`), calling hasattr() on each; werkzeug's
+    context-local proxies (Flask apps, moto's S3 server in a test process) raise RuntimeError
+    there rather than AttributeError, and the engine fails to start. A stage process never
+    loads werkzeug; a process that embeds the engine next to one keeps vLLM's own process.
+    """
+    return "werkzeug.local" not in sys.modules
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -65,11 +78,14 @@ class VllmEngine:
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
             os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # before torch's dynamo reads it
-            # Run the engine core in this process. Its own process buys overlap of scheduling
-            # with GPU kernels; on CPU both share the same cores, and spawning it re-imports
-            # torch and vLLM: measured on 2 cores, start-up 21.5 s -> 3.7 s, shutdown 4.6 s -> 1.2 s,
-            # and sampling 9.2k -> 10.2k tokens/s.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if _inprocess_safe():
+                # Run the engine core in this process. Its own process buys overlap of
+                # scheduling with GPU kernels; on CPU both share the same cores, and spawning it
+                # re-imports torch and vLLM: measured on 2 cores, start-up 21.5 s -> 3.7 s,
+                # shutdown 4.6 s -> 1.2 s, sampling 9.2k -> 10.2k tokens/s. (vLLM then caches
+                # its environment, seeds the global RNGs and freezes the GC heap of this
+                # process, all harmless in a stage process that exits after one stage.)
+                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM's own handlers print plain text; without them its records reach our JSON handler.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         from vllm import LLM
@@ -106,8 +122,10 @@ class VllmEngine:
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._lora_ids: dict[str, int] = {}
         self._hf: Any = None
+        self.in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
         log.info(f"vLLM engine: {self.model_dir} on {self.device} ({self.dtype}, tp {kwargs['tensor_parallel_size']}, "
-                 f"context {self.max_model_len}, lora {'on' if enable_lora else 'off'}) "
+                 f"context {self.max_model_len}, lora {'on' if enable_lora else 'off'}, engine core "
+                 f"{'in this process' if self.in_process else 'in its own process'}) "
                  f"started in {time.monotonic() - t0:.1f}s")
 
     # ------------------------------------------------------------------ generation
