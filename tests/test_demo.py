@@ -168,8 +168,11 @@ def test_ctrl_c_during_the_warm_start_exits_130_and_the_next_prepare_starts_clea
 
     base = {"n_warm": 32, "n_unlabeled": 4, "n_eval": 4, "n_dev": 4, "target_accuracy": None, "model": TINY}
     cmd = [sys.executable, "-m", "selfimprove_workers.demo", "prepare", "--seed", "1", "--out", str(tmp_path)]
+    # SIGINT back to its default in the child: a test run started in the background (nohup, `&`)
+    # passes SIGINT on ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([*cmd, "--params", json.dumps({**base, "steps": 10**6})],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "model.tmp" / "model.safetensors").exists():  # training has begun
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
