@@ -309,7 +309,7 @@ class EngineSpec(WireModel):
     merge_adapter: bool = Field(
         False,
         description="Merge the input adapter into a local copy of the base weights before serving: "
-        "no LoRA work at decode time (on CPU, vLLM's LoRA path samples about 3x slower), at the "
+        "no LoRA work at decode time (on CPU, vLLM decodes several times slower through LoRA), at the "
         "cost of one merge and a model-sized copy on local disk.",
     )
 
