@@ -173,12 +173,18 @@ def test_ctrl_c_during_the_warm_start_exits_130_and_the_next_prepare_starts_clea
     proc = subprocess.Popen([*cmd, "--params", json.dumps({**base, "steps": 10**6})],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while not (tmp_path / "model.tmp" / "model.safetensors").exists():  # training has begun
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:  # whatever fails, never leave a million-step warm-start running behind the test
+        deadline = time.time() + 120
+        while not (tmp_path / "model.tmp" / "model.safetensors").exists():  # training has begun
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "the warm-start never began"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert not (tmp_path / "model").exists()  # nothing half-trained where a finished model goes
 
