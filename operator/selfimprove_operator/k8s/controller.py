@@ -56,6 +56,34 @@ EVENT_MESSAGE_LIMIT = 1024
 OWN_DEGRADED = ("ReconcileError", "JobCreationFailed", "JobConflict", "InvalidSpec")
 
 
+def event_body(run: dict[str, Any], type_: str, reason: str, message: str, now: datetime,
+               reporting_instance: str) -> dict[str, Any]:
+    """The core/v1 Event the operator posts about `run` (pure: `_post_event` sends it)."""
+    meta = run["metadata"]
+    stamp = rfc3339(now)
+    if len(message) > EVENT_MESSAGE_LIMIT:
+        message = message[: EVENT_MESSAGE_LIMIT - 1] + "…"
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
+            "namespace": meta["namespace"], "uid": meta.get("uid"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message,
+        "action": reason,
+        "source": {"component": "selfimprove-operator"},
+        "reportingComponent": "selfimprove.dev/operator",
+        "reportingInstance": reporting_instance,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+
+
 class JobCreationFailed(Exception):
     """The API refused a stage Job for a reason a retry may fix (quota, RBAC, API outage)."""
 
@@ -553,28 +581,7 @@ class Controller:
         if run is None or self.kube is None:
             return
         meta = run["metadata"]
-        now = rfc3339(self.clock())
-        if len(message) > EVENT_MESSAGE_LIMIT:
-            message = message[: EVENT_MESSAGE_LIMIT - 1] + "…"
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
-                "namespace": meta["namespace"], "uid": meta.get("uid"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message,
-            "action": reason,
-            "source": {"component": "selfimprove-operator"},
-            "reportingComponent": "selfimprove.dev/operator",
-            "reportingInstance": self.config.reporting_instance,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        body = event_body(run, type_, reason, message, self.clock(), self.config.reporting_instance)
 
         async def post() -> None:
             async with self._event_slots:
