@@ -98,8 +98,9 @@ def test_job_carries_the_task_owner_labels_and_restricted_pod():
     js = job["spec"]
     assert js["backoffLimit"] == 0 and js["ttlSecondsAfterFinished"] == 3600 and "suspend" not in js
     assert js["podFailurePolicy"]["rules"] == [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-        {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onPodConditions": [],
+         "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]}},
     ]
 
 

@@ -56,13 +56,20 @@ EVENT_MESSAGE_LIMIT = 1024
 OWN_DEGRADED = ("ReconcileError", "JobCreationFailed", "JobConflict", "InvalidSpec")
 
 
+def truncate_message(message: str, limit: int = EVENT_MESSAGE_LIMIT) -> str:
+    """`message` cut to at most `limit` bytes of UTF-8, an ellipsis (3 bytes) marking the cut:
+    the API server's limit on an Event's note (1024) counts bytes (Go's len), not characters."""
+    if len(message.encode()) <= limit:
+        return message
+    cut = message.encode()[: limit - len("…".encode())].decode(errors="ignore")
+    return cut + "…"
+
+
 def event_body(run: dict[str, Any], type_: str, reason: str, message: str, now: datetime,
                reporting_instance: str) -> dict[str, Any]:
     """The core/v1 Event the operator posts about `run` (pure: `_post_event` sends it)."""
     meta = run["metadata"]
     stamp = rfc3339(now)
-    if len(message) > EVENT_MESSAGE_LIMIT:
-        message = message[: EVENT_MESSAGE_LIMIT - 1] + "…"
     return {
         "apiVersion": "v1",
         "kind": "Event",
@@ -73,7 +80,7 @@ def event_body(run: dict[str, Any], type_: str, reason: str, message: str, now: 
         },
         "type": type_,
         "reason": reason,
-        "message": message,
+        "message": truncate_message(message),
         "action": reason,
         "source": {"component": "selfimprove-operator"},
         "reportingComponent": "selfimprove.dev/operator",

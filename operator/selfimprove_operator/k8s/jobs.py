@@ -166,9 +166,15 @@ def build_job(run: dict[str, Any], spec: SelfImproveRunSpec, start: StartStage, 
             "rules": [
                 # Preemption, eviction, node drain: the Job controller replaces the pod without
                 # counting a failure (pain: preempted spot pods must simply run again).
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # `status` is the server's default ("True"), spelled out: the schemas of 1.27–1.34
+                # declare it required, so strict validation (kubectl --validate=strict, GitOps
+                # linters) rejects a pattern without it.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 # Exit code 2 is the workers' "bad input": no retry inside the Job can fix it.
-                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+                # `onPodConditions: []`: required in the 1.27 and 1.28 schemas (optional from
+                # 1.29); an empty list beside onExitCodes is valid on every version.
+                {"action": "FailJob", "onPodConditions": [],
+                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
             ],
         },
         "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
