@@ -29,7 +29,18 @@ plain JSON and merges every write into them):
    object created in between was never streamed; here both happen under the store's lock;
 7. Kubernetes error reasons (AlreadyExists, NotFound, Conflict, Invalid) and injected faults;
 8. a record of the API usage (group, resource, verb) of the operator's requests, from which
-   ``tests/data/operator-api-usage.json`` (the chart's RBAC) is checked.
+   ``tests/data/operator-api-usage.json`` (the chart's RBAC) is checked;
+9. **validation as strict as a real API server of one Kubernetes minor version** (``version``;
+   the ``k8s`` fixture runs every test against the oldest and the newest supported version):
+   - built-in kinds (Jobs, Pods, Events, Secrets, Namespaces, the CRD) against that version's
+     official OpenAPI schema (tests/k8s_schemas.py): a schema error is ``422 Invalid`` with
+     ``details.causes[].field``; an unknown field is ``400 BadRequest`` ("strict decoding
+     error"), as with ``fieldValidation=Strict`` — a real server's default drops it with a
+     warning, which for an operator is always a bug, so here it is an error;
+   - ``SelfImproveRun`` objects against the CRD the chart ships (tests/crd_semantics.py): unknown
+     fields pruned (spec and status; ``pruned`` records them), defaults applied, the schema and
+     the CEL rules enforced (transition rules with ``oldSelf`` on updates), ``422`` otherwise;
+   - Secrets' ``stringData`` folded into ``data``, as the API server does.
 
 Every write stores a new version and never edits a stored one, so objects are shared with watch
 events and readers without copying (copying was the emulator's main cost with hundreds of runs);
@@ -39,6 +50,7 @@ what ``find``/``run``/``jobs`` return must be treated as read-only.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import os
@@ -54,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 try:
     from pytest_asyncio import fixture as async_fixture
@@ -70,7 +83,7 @@ except ImportError:  # pragma: no cover - exercised where kmock is not installed
     kmock = None
 
 __all__ = [
-    "need_kmock", "run_manifest", "RUNS", "JOBS", "PODS", "EVENTS", "SECRETS",
+    "need_kmock", "K8S_VERSIONS", "run_manifest", "RUNS", "JOBS", "PODS", "EVENTS", "SECRETS",
     "Succeed", "Fail", "Hold", "Preempt", "Pending", "k8s", "kubeconfig", "cluster", "start_operator",
 ]
 
@@ -80,6 +93,21 @@ PODS = "v1/pods"
 EVENTS = "v1/events"
 SECRETS = "v1/secrets"
 PEERING_NAME = "selfimprove"
+CRD_FILE = Path(__file__).resolve().parents[1] / "charts" / "selfimprove" / "crds" / "selfimprove.dev_selfimproveruns.yaml"
+
+
+def _versions() -> list[str]:
+    try:
+        from k8s_schemas import supported_versions
+
+        versions = supported_versions()
+    except ImportError:  # pragma: no cover - kubernetes-validate missing: need_kmock() reports it
+        return ["newest"]
+    return [versions[0], versions[-1]] if len(versions) > 1 else versions
+
+
+# The versions the operator's integration tests run against: the oldest and newest supported.
+K8S_VERSIONS = _versions()
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 
 
@@ -168,8 +196,8 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 if kmock is not None:
 
-    def _error(status: int, reason: str, message: str) -> "KubernetesError":
-        return KubernetesError(status=status, reason=reason, message=message, details={})
+    def _error(status: int, reason: str, message: str, details: dict[str, Any] | None = None) -> "KubernetesError":
+        return KubernetesError(status=status, reason=reason, message=message, details=details or {})
 
     RESOURCE_INFO: dict[str, dict[str, Any]] = {
         RUNS: dict(kind="SelfImproveRun", singular="selfimproverun", namespaced=True, shortnames={"sir"}, subresources={"status"}),
@@ -188,7 +216,12 @@ if kmock is not None:
     class ApiServer(kmock.KubernetesEmulator):
         """kmock's emulator with API-server semantics (see the module's docstring)."""
 
+        version: str = attrs.field(default=K8S_VERSIONS[-1])
         usage: dict[tuple[str, str], set[str]] = attrs.field(factory=dict, init=False)
+        pruned: list[tuple[str, str, str]] = attrs.field(factory=list, init=False)  # (namespace, name, field)
+        schemas: Any = attrs.field(default=None, init=False)      # k8s_schemas.OfficialSchemas of `version`
+        crd: Any = attrs.field(default=None, init=False)          # the chart's CRD, as registered
+        run_schema: Any = attrs.field(default=None, init=False)   # crd_semantics.CustomResourceSchema
         listeners: list[Callable[[str, Any, dict[str, Any]], None]] = attrs.field(factory=list, init=False)
         faults: list[dict[str, Any]] = attrs.field(factory=list, init=False)
         revision: int = attrs.field(default=0, init=False)
@@ -198,6 +231,17 @@ if kmock is not None:
             super().__attrs_post_init__()
             for key, info in RESOURCE_INFO.items():
                 self.resources[key] = ResourceInfo(verbs=VERBS, **info)
+            from crd_semantics import CustomResourceSchema
+            from k8s_schemas import schemas
+
+            self.schemas = schemas(self.version)
+            self.crd = yaml.safe_load(CRD_FILE.read_text())
+            # Registering the CRD is the first thing a real server would validate.
+            problems = self.schemas.causes(self.crd)
+            if problems:
+                raise AssertionError(f"Kubernetes {self.version} rejects the CRD {CRD_FILE.name}: "
+                                     + "; ".join(map(str, problems)))
+            self.run_schema = CustomResourceSchema(self.crd)
 
         # ------------------------------------------------------------ HTTP entry
         async def _handle(self, request):  # type: ignore[override]
@@ -216,13 +260,16 @@ if kmock is not None:
                     return web.json_response(self.list_objects(res, request.namespace, request.params.get("labelSelector")))
                 if verb == "get":
                     return web.json_response(self.get_object(res, request.namespace, request.name))
+                strict = request.params.get("fieldValidation") == "Strict"
                 if verb == "create":
-                    return web.json_response(await self.create_object(res, request.namespace, request.data), status=201)
+                    return web.json_response(await self.create_object(res, request.namespace, request.data, strict=strict),
+                                             status=201)
                 if verb in ("patch", "update"):
                     ctype = str(request.headers.get("Content-Type", "application/merge-patch+json"))
                     if verb == "update":
                         ctype = "update"
-                    obj = await self.patch_object(res, request.namespace, request.name, request.data, ctype, request.subresource)
+                    obj = await self.patch_object(res, request.namespace, request.name, request.data, ctype,
+                                                  request.subresource, strict=strict)
                     return web.json_response(obj)
                 if verb == "delete":
                     options = dict(request.data or {}) if isinstance(request.data, dict) else {}
@@ -304,6 +351,42 @@ if kmock is not None:
             async with self._changed:
                 self._changed.notify_all()
 
+        # ------------------------------------------------------------ admission
+        def _admit(self, resource, body: dict[str, Any], old: dict[str, Any] | None, strict: bool = False) -> dict[str, Any]:
+            """`body` as a real server would store it, or the error it would answer."""
+            info = self._info(resource)
+            body = dict(body)
+            body.setdefault("apiVersion", f"{resource.group}/{resource.version}".lstrip("/"))
+            body.setdefault("kind", info.kind)
+            name = (body.get("metadata") or {}).get("name") or ""
+            group = resource.group or ""
+            if resource == Resource(RUNS):
+                stored, pruned, causes = self.run_schema.admit(body, old)
+                if pruned and strict:
+                    raise _error(400, "BadRequest", f'{info.kind} in version "{resource.version}" cannot be handled as a '
+                                 f'{info.kind}: strict decoding error: ' + ", ".join(f'unknown field "{p}"' for p in pruned))
+                ns = (body.get("metadata") or {}).get("namespace") or ""
+                self.pruned.extend((ns, name, p) for p in pruned)
+            elif self.schemas.knows(body["apiVersion"], body["kind"]):
+                if info.kind == "Secret" and "stringData" in body:
+                    data = dict(body.get("data") or {})
+                    for k, v in (body.pop("stringData") or {}).items():
+                        data[k] = base64.b64encode(str(v).encode()).decode()
+                    body["data"] = data
+                stored, causes = body, self.schemas.causes(body)
+                unknown = [c for c in causes if c.message.startswith("unknown field")]
+                if unknown:
+                    raise _error(400, "BadRequest", f'{info.kind} in version "{resource.version}" cannot be handled as a '
+                                 f'{info.kind}: strict decoding error: ' + ", ".join(c.message for c in unknown))
+            else:
+                return body  # kopf's peering objects: no schema the tests know
+            if causes:
+                from crd_semantics import invalid_message
+
+                raise _error(422, "Invalid", invalid_message(info.kind, group, name, causes), {
+                    "name": name, "group": group, "kind": info.kind, "causes": [c.wire() for c in causes]})
+            return stored
+
         def _bump(self) -> str:
             self.revision += 1
             return str(self.revision)
@@ -332,7 +415,7 @@ if kmock is not None:
                 "items": self.find(resource, namespace, selector),
             }
 
-        async def create_object(self, resource, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        async def create_object(self, resource, namespace: str | None, body: dict[str, Any], strict: bool = False) -> dict[str, Any]:
             resource = self._res(resource)
             body = dict(body)
             meta = body["metadata"] = dict(body.get("metadata") or {})
@@ -350,13 +433,14 @@ if kmock is not None:
                 meta.update(uid=str(uuid.uuid4()), resourceVersion=self._bump(), generation=1, creationTimestamp=_now())
                 if "status" in self._info(resource).subresources:
                     body.pop("status", None)
+                body = self._admit(resource, body, None, strict)
                 self._store(key, body)
                 await self._emit("ADDED", resource, body)
             await self._notify()
             return body
 
         async def patch_object(self, resource, namespace: str | None, name: str, patch: Any, content_type: str,
-                               subresource: str | None = None) -> dict[str, Any]:
+                               subresource: str | None = None, strict: bool = False) -> dict[str, Any]:
             import jsonpatch
 
             resource = self._res(resource)
@@ -406,6 +490,8 @@ if kmock is not None:
                 for fixed in ("uid", "creationTimestamp", "namespace", "name", "generation", "resourceVersion"):
                     if fixed in old["metadata"]:
                         meta[fixed] = old["metadata"][fixed]
+                new = self._admit(resource, new, old, strict)
+                meta = new["metadata"] = dict(new["metadata"])
                 if new == old:
                     return old  # a no-op changes nothing, not even the resourceVersion
                 if subresource is None and new.get("spec") != old.get("spec"):
@@ -577,6 +663,7 @@ class FakeCluster:
         self.completed_at: dict[str, float] = {}   # job name → loop time it finished
         self.created_at: dict[str, float] = {}     # job name → loop time it was created
         self.pods_started = 0
+        self.errors: list[BaseException] = []     # what the fake cluster itself failed at
         server.listeners.append(self._on_change)
 
     def close(self) -> None:
@@ -599,7 +686,14 @@ class FakeCluster:
             return
         if (body.get("status") or {}).get("conditions"):
             return
-        self.tasks[name] = asyncio.create_task(self._run(body))
+        self.tasks[name] = task = asyncio.create_task(self._run(body))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        # A write the API server refuses is a bug of the fake cluster (or of the Job it runs):
+        # the test fails at teardown instead of timing out silently.
+        if not task.cancelled() and task.exception() is not None:
+            self.errors.append(task.exception())
 
     def release(self, job: str, then: Any = None) -> None:
         self.released.setdefault(job, asyncio.get_running_loop().create_future())
@@ -717,6 +811,11 @@ class FakeCluster:
         return created["metadata"]["name"]
 
     async def _pod_status(self, ns: str, pod: str, status: dict[str, Any]) -> None:
+        # What the kubelet reports of a container always names its image (the API requires both).
+        image = self.server.get_object(PODS, ns, pod)["spec"]["containers"][0]["image"]
+        for cs in status.get("containerStatuses") or []:
+            cs.setdefault("image", image)
+            cs.setdefault("imageID", "" if "waiting" in (cs.get("state") or {}) else f"{image}@sha256:{'0' * 64}")
         await self.server.patch_object(PODS, ns, pod, {"status": status}, "replace-status", "status")
 
     async def _result(self, task, script: Succeed) -> str:
@@ -748,10 +847,10 @@ class FakeCluster:
 # The fixtures exist without kmock too: they skip (or fail in CI) through need_kmock().
 
 
-@async_fixture
-async def k8s() -> "ApiServer":
+@async_fixture(params=K8S_VERSIONS, ids=lambda v: f"k8s-{v}")
+async def k8s(request: pytest.FixtureRequest) -> "ApiServer":
     need_kmock()
-    server = ApiServer()
+    server = ApiServer(version=request.param)
     async with server, kmock.Server(server):
         await server.create_object("kopf.dev/v1/clusterkopfpeerings", None, {
             "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING_NAME}})
@@ -780,6 +879,8 @@ async def cluster(k8s: "ApiServer") -> "FakeCluster":
     fake = FakeCluster(k8s)
     yield fake
     fake.close()
+    if fake.errors:
+        raise AssertionError(f"the fake cluster's writes failed: {fake.errors!r}") from fake.errors[0]
 
 
 class OperatorHandle:

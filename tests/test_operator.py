@@ -19,6 +19,11 @@ from k8s_fixtures import (
     EVENTS, JOBS, PODS, RUNS, Fail, Hold, Pending, Preempt, Succeed, need_kmock, run_manifest,
 )
 
+try:
+    from kmock import KubernetesError
+except ImportError:  # pragma: no cover - need_kmock() skips (or fails in CI)
+    KubernetesError = Exception
+
 pytestmark = [pytest.mark.k8s, pytest.mark.asyncio]
 
 USAGE_FILE = Path(__file__).parent / "data" / "operator-api-usage.json"
@@ -315,17 +320,29 @@ async def test_job_the_api_rejects_fails_the_stage_permanently(k8s, cluster, sta
     assert failed["reason"] == "BadInput" and 'Invalid value: "lots"' in failed["message"]
 
 
+async def test_spec_the_crd_rejects_never_reaches_the_operator(k8s):
+    # A cross-field rule the CRD carries as CEL: the API server refuses the object itself.
+    with pytest.raises(KubernetesError) as refused:
+        await k8s.create_object(RUNS, "default", run_manifest("typo", strategy="iwsi"))
+    assert refused.value.status == 422
+    assert refused.value.details["causes"] == [{
+        "reason": "FieldValueInvalid", "field": "spec",
+        "message": 'Invalid value: "object": data.validation is required for strategy iwsi'}]
+    assert k8s.run("typo") is None
+
+
 async def test_spec_the_models_reject_is_reported_not_retried(k8s, cluster, start_operator):
-    # The CRD schema cannot express cross-field rules: iwsi needs data.validation.
+    # A cross-field rule only the models check (the CRD has no CEL for it): the LoRA rank must
+    # fit vLLM's maxLoraRank. The API server stores the run; the operator says what is wrong.
     await start_operator()
-    await k8s.create_object(RUNS, "default", run_manifest("typo", strategy="iwsi"))
+    await k8s.create_object(RUNS, "default", run_manifest("typo", training={"lora": {"r": 128}}))
     await k8s.wait_for(lambda: condition(k8s.status("typo"), "Degraded").get("reason") == "InvalidSpec", what="InvalidSpec")
-    assert "data.validation" in condition(k8s.status("typo"), "Degraded")["message"]
+    assert "training.lora.r" in condition(k8s.status("typo"), "Degraded")["message"]
     assert condition(k8s.status("typo"), "Ready")["status"] == "False"
     await events_posted(k8s, "typo", "InvalidSpec")
     assert not k8s.jobs("typo")
-    # Fixing the spec starts the run.
-    await k8s.patch_object(RUNS, "default", "typo", {"spec": {"data": {"validation": "s3://data/valid.jsonl"}}}, "merge")
+    # Fixing the spec (a mutable field) starts the run.
+    await k8s.patch_object(RUNS, "default", "typo", {"spec": {"training": {"lora": {"r": 16}}}}, "merge")
     await k8s.wait_for(lambda: k8s.jobs("typo"), what="the first Job after the fix")
     await k8s.wait_for(lambda: condition(k8s.status("typo"), "Degraded")["status"] == "False", what="Degraded cleared")
 

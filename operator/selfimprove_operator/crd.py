@@ -101,14 +101,21 @@ def _has_any(*fields: str) -> str:
     return " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields)
 
 
+# Immutable fields carry their own `self == oldSelf` rule, so the error names the field on every
+# supported version: the rule fields `reason` and `fieldPath` would say the same on a rule of the
+# parent, but Kubernetes 1.27 does not know them (they are 1.28+).
+IMMUTABLE = ("strategy", "model", "data")
+
+
 def _add_rules(spec: dict[str, Any], status: dict[str, Any]) -> None:
+    for name in IMMUTABLE:
+        spec["properties"][name]["x-kubernetes-validations"] = [
+            {"rule": "self == oldSelf", "message": f"spec.{name} is immutable"},
+        ]
     spec["x-kubernetes-validations"] = [
-        {"rule": "self.strategy == oldSelf.strategy", "message": "spec.strategy is immutable", "reason": "FieldValueForbidden", "fieldPath": ".strategy"},
-        {"rule": "self.model == oldSelf.model", "message": "spec.model is immutable", "reason": "FieldValueForbidden", "fieldPath": ".model"},
-        {"rule": "self.data == oldSelf.data", "message": "spec.data is immutable", "reason": "FieldValueForbidden", "fieldPath": ".data"},
-        {"rule": "self.strategy == 'llm2llm' || has(self.data.questions)", "message": "data.questions is required for strategy lmsi and iwsi", "fieldPath": ".data.questions"},
-        {"rule": "self.strategy != 'llm2llm' || has(self.data.seed)", "message": "data.seed is required for strategy llm2llm", "fieldPath": ".data.seed"},
-        {"rule": "self.strategy != 'iwsi' || has(self.data.validation)", "message": "data.validation is required for strategy iwsi", "fieldPath": ".data.validation"},
+        {"rule": "self.strategy == 'llm2llm' || has(self.data.questions)", "message": "data.questions is required for strategy lmsi and iwsi"},
+        {"rule": "self.strategy != 'llm2llm' || has(self.data.seed)", "message": "data.seed is required for strategy llm2llm"},
+        {"rule": "self.strategy != 'iwsi' || has(self.data.validation)", "message": "data.validation is required for strategy iwsi"},
     ]
     filters = spec["properties"]["filters"]["items"]
     filters["x-kubernetes-validations"] = [{
