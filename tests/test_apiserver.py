@@ -118,7 +118,7 @@ async def test_cel_rules_of_the_crd_are_enforced(k8s):
     assert "at most 40 characters" in body["details"]["causes"][0]["message"]
     # A cross-field rule: llm2llm needs a seed set.
     status, body = await call(k8s, "POST", RUNS_PATH, run_manifest("teach", strategy="llm2llm"))
-    assert status == 422 and "data.seed is required" in body["message"]
+    assert status == 422 and "data.seed: is required for strategy llm2llm" in body["message"]
 
 
 @pytest.mark.asyncio

@@ -172,8 +172,11 @@ async def test_operator_restart_mid_stage_resumes_without_a_duplicate_job(k8s, c
 
     # A new operator process finds the stage running: it adopts it and starts nothing.
     second = await start_operator()
-    await k8s.wait_for(lambda: ("default", "resume") in second.controller.runs
-                       and "resume-r1-sample" in second.controller.runs[("default", "resume")].jobs, what="adoption")
+    def adopted() -> bool:
+        state = second.controller.run_state(("default", "resume"))
+        return state is not None and "resume-r1-sample" in state.jobs
+
+    await k8s.wait_for(adopted, what="adoption")
     await asyncio.sleep(0.5)
     assert len(k8s.jobs("resume")) == jobs_before
     await second.stop()
@@ -234,9 +237,9 @@ async def test_failing_job_is_retried_then_fails_with_its_reason(k8s, cluster, s
     events = {e["reason"]: e for e in k8s.events("flaky")}
     assert "ConnectionResetError" in events["StageRetrying"]["message"]  # the log tail of the crash
     assert events["StageFailed"]["type"] == "Warning"
-    metrics = op.controller.metrics
-    assert metrics.stage_failures.labels("evaluate", "OOMKilled")._value.get() == 1
-    assert metrics.stage_failures.labels("evaluate", "ExitCode1")._value.get() == 1
+    sample = op.controller.metrics.registry.get_sample_value
+    assert sample("selfimprove_stage_failures_total", {"stage": "evaluate", "reason": "OOMKilled"}) == 1
+    assert sample("selfimprove_stage_failures_total", {"stage": "evaluate", "reason": "ExitCode1"}) == 1
     # A failed run creates nothing more (pain #8), whatever happens next.
     await k8s.patch_object(RUNS, "default", "flaky", {"metadata": {"labels": {"touched": "yes"}}}, "merge")
     await asyncio.sleep(0.5)
@@ -265,7 +268,7 @@ async def test_preempted_pod_is_not_counted_as_a_failure(k8s, cluster, start_ope
     assert (ev["attempts"], ev["failures"]) == (1, 0)
     assert len(k8s.find(PODS, "default", "job-name=spot-r0-evaluate")) == 2  # the Job replaced the pod
     await events_posted(k8s, "spot", "StageDisrupted")
-    assert op.controller.metrics.disruptions._value.get() == 1
+    assert op.controller.metrics.registry.get_sample_value("selfimprove_stage_disruptions_total") == 1
 
 
 async def test_image_pull_error_is_surfaced_and_fails_the_run(k8s, cluster, start_operator):
@@ -327,7 +330,7 @@ async def test_spec_the_crd_rejects_never_reaches_the_operator(k8s):
     assert refused.value.status == 422
     assert refused.value.details["causes"] == [{
         "reason": "FieldValueInvalid", "field": "spec",
-        "message": 'Invalid value: "object": data.validation is required for strategy iwsi'}]
+        "message": 'Invalid value: "object": data.validation: is required for strategy iwsi'}]
     assert k8s.run("typo") is None
 
 
@@ -409,7 +412,7 @@ async def test_fifty_runs_at_once_all_succeed(k8s, cluster, start_operator):
     await k8s.wait_for(lambda: all(k8s.status(n).get("phase") == "Succeeded" for n in names), timeout=90,
                        what="50 runs to succeed")
     assert len(k8s.jobs()) == 50 * 5
-    assert op.controller.metrics.reconcile_errors._value.get() == 0
+    assert op.controller.metrics.registry.get_sample_value("selfimprove_reconcile_errors_total") == 0
 
 
 # =========================================================================== peering
@@ -421,12 +424,12 @@ async def test_a_second_replica_stands_by_and_takes_over(k8s, cluster, start_ope
     cluster.scripts["ha-r0-evaluate"] = Hold()
     await k8s.create_object(RUNS, "default", run_manifest("ha", rounds={"max": 1, "patience": 0}))
     await k8s.wait_for(lambda: k8s.jobs("ha"), what="the first Job")
-    assert ("default", "ha") in first.controller.runs and ("default", "ha") not in second.controller.runs
+    assert first.controller.run_state(("default", "ha")) is not None and second.controller.run_state(("default", "ha")) is None
 
     await first.stop()
     cluster.release("ha-r0-evaluate")
     await k8s.wait_for(phase_is(k8s, "ha", "Succeeded"), timeout=30, what="the standby to finish the run")
-    assert ("default", "ha") in second.controller.runs
+    assert second.controller.run_state(("default", "ha")) is not None
 
 
 async def test_namespaced_operator_serves_only_its_namespaces(k8s, cluster, start_operator):

@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from .strategies import spec_rules, strategy_names
+
+from selfimprove_workers.stage_registry import STAGES, phases, stage_names
 from selfimprove_workers.spec import (
     AugmentSpec,
     EngineSpec,
@@ -38,18 +41,12 @@ SHORT_NAME = "sir"
 MAX_RUN_NAME = 40
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
-Strategy = Literal["lmsi", "iwsi", "llm2llm"]
-Phase = Literal[
-    "Pending", "Sampling", "Filtering", "Augmenting", "Training", "Evaluating",
-    "Succeeded", "Failed", "Suspended",
-]
-STAGE_PHASE: dict[str, str] = {
-    "sample": "Sampling",
-    "filter": "Filtering",
-    "augment": "Augmenting",
-    "train": "Training",
-    "evaluate": "Evaluating",
-}
+# Strategies, stages and their phases are the registries' (strategies/, stage_registry.py):
+# these Literals are built from them, so the CRD's enums follow a registration.
+Strategy = Literal[strategy_names()]  # type: ignore[valid-type]
+STAGE_PHASE: dict[str, str] = {name: kind.phase for name, kind in STAGES.items()}
+Phase = Literal[("Pending", *phases(), "Succeeded", "Failed", "Suspended")]  # type: ignore[valid-type]
+StageNameLiteral = Literal[stage_names()]  # type: ignore[valid-type]
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded", "Failed", "Suspended")
 
 
@@ -190,22 +187,9 @@ class SelfImproveRunSpec(WireModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "SelfImproveRunSpec":
-        errors: list[str] = []
-        if self.strategy in ("lmsi", "iwsi") and not self.data.questions:
-            errors.append(f"data.questions: is required for strategy {self.strategy}")
-        if self.strategy == "llm2llm":
-            if not self.data.seed:
-                errors.append("data.seed: is required for strategy llm2llm")
-            if self.filters:
-                errors.append("filters: llm2llm has no sample/filter stages; remove filters")
-        filters = self.filters or []
-        kinds = [f.kind for f in filters]
-        if self.strategy == "iwsi" and not self.data.validation:
-            errors.append("data.validation: is required for strategy iwsi")
-        if "distributionShift" in kinds and not self.data.validation:
-            errors.append("data.validation: is required by the distributionShift filter")
-        if self.strategy == "iwsi" and self.filters is not None and "distributionShift" not in kinds:
-            errors.append("filters: iwsi needs a distributionShift filter")
+        # The strategies' and filters' rules, the same ones the CRD carries as CEL.
+        wire = self.wire()
+        errors: list[str] = [e for rule in spec_rules() if (e := rule.violated(wire))]
         if self.engine.kind == "vllm" and self.training.lora.r and self.training.lora.r > self.engine.max_lora_rank:
             errors.append(
                 f"training.lora.r: {self.training.lora.r} exceeds engine.maxLoraRank "
@@ -233,7 +217,7 @@ StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
 
 
 class StageStatus(WireModel):
-    name: Literal["sample", "filter", "augment", "train", "evaluate"] = Field(..., description="Stage.")
+    name: StageNameLiteral = Field(..., description="Stage.")
     state: StageState = Field("Pending", description="Pending, Running, Succeeded, Failed or Skipped.")
     attempts: int = Field(0, ge=0, description="Attempts started.")
     failures: int = Field(0, ge=0, description="Attempts that failed (suspensions do not count).")

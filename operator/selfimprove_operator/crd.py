@@ -14,7 +14,10 @@ from typing import Any
 
 import yaml
 
+from selfimprove_workers.filter_registry import filter_kinds
+
 from .api import GROUP, KIND, PLURAL, SHORT_NAME, VERSION, MAX_RUN_NAME, SelfImproveRun
+from .strategies import spec_rules
 
 CRD_PATH = Path("crds") / f"{GROUP}_{PLURAL}.yaml"
 CHART_CRD_PATH = Path("charts") / "selfimprove" / CRD_PATH
@@ -112,15 +115,13 @@ def _add_rules(spec: dict[str, Any], status: dict[str, Any]) -> None:
         spec["properties"][name]["x-kubernetes-validations"] = [
             {"rule": "self == oldSelf", "message": f"spec.{name} is immutable"},
         ]
-    spec["x-kubernetes-validations"] = [
-        {"rule": "self.strategy == 'llm2llm' || has(self.data.questions)", "message": "data.questions is required for strategy lmsi and iwsi"},
-        {"rule": "self.strategy != 'llm2llm' || has(self.data.seed)", "message": "data.seed is required for strategy llm2llm"},
-        {"rule": "self.strategy != 'iwsi' || has(self.data.validation)", "message": "data.validation is required for strategy iwsi"},
-    ]
+    # The strategies' and filters' cross-field rules: the same Rule objects the models check.
+    spec["x-kubernetes-validations"] = [rule.cel_rule() for rule in spec_rules()]
     filters = spec["properties"]["filters"]["items"]
+    kinds = filter_kinds()
     filters["x-kubernetes-validations"] = [{
-        "rule": _has_any("consistency", "entropy", "distributionShift", "judge", "self", "diversity") + " == 1",
-        "message": "set exactly one of consistency, entropy, distributionShift, judge, self, diversity",
+        "rule": _has_any(*kinds) + " == 1",
+        "message": f"set exactly one of {', '.join(kinds)}",
     }]
     conditions = status["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"

@@ -15,25 +15,30 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Literal
+from typing import Any, Literal
 
+from selfimprove_workers.constants import EXIT_BAD_INPUT, PERMANENT_REASONS, rfc3339
 from selfimprove_workers.contract import (
-    OutputName,
     RunRef,
-    StageInputs,
     StageName,
     StageResult,
     StageTask,
     StorageRef,
     ModelRef,
 )
+from selfimprove_workers.stage_registry import stage as stage_kind
 
 from .api import STAGE_PHASE, Condition, RoundStatus, SelfImproveRunSpec, SelfImproveRunStatus, StageStatus
 from .presets import resolve, stages_of_round
+from .strategies import strategy
+from .wiring import WiringContext, wiring_for
 
-# Reasons that no retry can fix: the user has to change something.
-PERMANENT_REASONS = {"BadInput", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError"}
-EXIT_BAD_INPUT = 2
+__all__ = [
+    "EXIT_BAD_INPUT", "PERMANENT_REASONS", "Observed", "RunIdentity", "StartStage", "SuspendStage", "Event",
+    "Action", "Plan", "rfc3339", "parse_time", "immutable_digest", "run_prefix", "stage_prefix", "job_name",
+    "set_condition", "condition", "is_terminal", "new_round", "build_task", "record_result", "update_best",
+    "stop_reason", "backoff_seconds", "plan",
+]
 
 
 # =========================================================================== inputs and outputs
@@ -106,10 +111,6 @@ class Plan:
 
 
 # =========================================================================== helpers
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -173,48 +174,16 @@ def new_round(strategy: str, round_no: int, now: datetime) -> RoundStatus:
 def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunIdentity, round_no: int, stage: str, attempt: int) -> StageTask:
     """The exact task a stage gets, on Kubernetes and locally alike. `spec` is resolved."""
     prefix = run_prefix(spec, run)
-    out = lambda r, s, name: stage_prefix(prefix, r, s) + name  # noqa: E731
+    ctx = WiringContext(spec=spec, status=status, round=round_no, prefix=prefix)
+    inputs, adapter = wiring_for(strategy(spec.strategy), stage)(ctx)
 
-    previous_adapter = None
-    for past in reversed(status.rounds):
-        if past.round < round_no and past.adapter:
-            previous_adapter = past.adapter
-            break
-    this_round = next((r for r in status.rounds if r.round == round_no), None)
-
-    inputs = StageInputs()
-    adapter = None
-    if stage == "sample":
-        inputs = StageInputs(questions=spec.data.questions)
-        adapter = previous_adapter      # LMSI: the previous round's model samples the next round
-    elif stage == "filter":
-        inputs = StageInputs(
-            samples=out(round_no, "sample", OutputName.SAMPLES),
-            votes=out(round_no, "sample", OutputName.VOTES),
-            validation=spec.data.validation,
-        )
-    elif stage == "train":
-        if spec.strategy == "llm2llm":
-            # LLM2LLM: seed ∪ everything augmented so far, always from the base model.
-            augmented = [out(r.round, "augment", OutputName.AUGMENTED) for r in status.rounds
-                         if 0 < r.round < round_no and any(s.name == "augment" and s.state == "Succeeded" for s in r.stages)]
-            inputs = StageInputs(train=[spec.data.seed, *augmented])
-        else:
-            inputs = StageInputs(train=[out(round_no, "filter", OutputName.KEPT)])
-        adapter = previous_adapter if spec.training.from_ == "previous" else None
-    elif stage == "evaluate":
-        inputs = StageInputs(evaluation=spec.data.evaluation, seed=spec.data.seed if spec.strategy == "llm2llm" else None)
-        adapter = this_round.adapter if this_round and round_no > 0 else None
-    elif stage == "augment":
-        existing = [spec.data.seed] + [out(r.round, "augment", OutputName.AUGMENTED) for r in status.rounds
-                                       if 0 < r.round < round_no and any(s.name == "augment" and s.state == "Succeeded" for s in r.stages)]
-        inputs = StageInputs(
-            predictions=out(round_no, "evaluate", OutputName.SEED_PREDICTIONS),
-            seed=spec.data.seed,
-            existing=existing,
-        )
-
-    sampling = spec.sampling.model_copy(update={"seed": spec.sampling.seed + round_no}) if stage == "sample" else None
+    # The parameter sections the stage kind declares, and only those (the task digest is the
+    # stage's identity: an unrelated section changing must not invalidate finished work).
+    sections: dict[str, Any] = {name: getattr(spec, name) for name in stage_kind(stage).sections}
+    if "sampling" in sections:
+        sections["sampling"] = spec.sampling.model_copy(update={"seed": spec.sampling.seed + round_no})
+    if "filters" in sections:
+        sections["filters"] = list(spec.filters or [])
     return StageTask(
         run=RunRef(name=run.name, namespace=run.namespace, uid=run.uid),
         round=round_no,
@@ -223,44 +192,33 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         output=stage_prefix(prefix, round_no, stage),
         storage=StorageRef(endpoint=spec.storage.endpoint, region=spec.storage.region),
         model=ModelRef(base=spec.model.base, adapter=adapter, teacher=spec.model.teacher,
-                       judge=next((f.judge.model for f in spec.filters or [] if f.judge and f.judge.model), None)),
+                       judge=next((j.model for f in spec.filters or [] if (j := f.get("judge")) and j.model), None)),
         engine=spec.engine,
         gpus=spec.resources.gpus or 0,
         inputs=inputs,
         task=spec.task,
-        sampling=sampling,
-        filters=list(spec.filters or []) if stage == "filter" else [],
-        training=spec.training if stage == "train" else None,
-        evaluation=spec.evaluation if stage == "evaluate" else None,
-        augment=spec.augment if stage == "augment" else None,
+        **sections,
     )
 
 
 # =========================================================================== results
 def record_result(round_status: RoundStatus, stage: StageStatus, result: StageResult) -> None:
+    """Copy a result's headline metrics onto the stage and, as its stage kind declares
+    (stage_registry.py), onto the round."""
     m = result.metrics
     stage.metrics = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
-    if stage.name == "sample":
-        round_status.samples = _int(m.get("paths"))
-        round_status.questions = _int(m.get("questions"))
-        round_status.mean_confidence = _float(m.get("meanConfidence"))
-    elif stage.name == "filter":
-        round_status.kept = _int(m.get("kept"))
-    elif stage.name == "train":
-        round_status.train_loss = _float(m.get("trainLoss"))
-        round_status.adapter = result.outputs.get("adapter")
-    elif stage.name == "evaluate":
-        round_status.accuracy = _float(m.get("accuracy"))
-        round_status.seed_accuracy = _float(m.get("seedAccuracy"))
-    elif stage.name == "augment":
-        round_status.augmented = _int(m.get("augmented"))
+    kind = stage_kind(stage.name)
+    for key, (field_name, cast) in kind.round_metrics.items():
+        setattr(round_status, field_name, (_int if cast == "int" else _float)(m.get(key)))
+    for key, field_name in kind.round_outputs.items():
+        setattr(round_status, field_name, result.outputs.get(key))
 
 
-def _int(v) -> int | None:
+def _int(v: object) -> int | None:
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _float(v) -> float | None:
+def _float(v: object) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 

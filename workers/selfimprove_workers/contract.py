@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from .constants import API_VERSION, RESULT_FILE, SUMMARY_LIMIT, OutputName, now_rfc3339
 from .spec import (
     AugmentSpec,
     EngineSpec,
@@ -27,31 +27,15 @@ from .spec import (
     TrainingSpec,
     WireModel,
 )
+from .stage_registry import STAGES, stage
 
-API_VERSION = "selfimprove.dev/v1alpha1"
-SUMMARY_LIMIT = 4096
-RESULT_FILE = "result.json"
+__all__ = [
+    "API_VERSION", "RESULT_FILE", "SUMMARY_LIMIT", "OutputName", "now_rfc3339", "StageName", "RunRef",
+    "StorageRef", "ModelRef", "StageInputs", "StageTask", "StageResult", "Metric", "full_result",
+]
 
-
-class OutputName:
-    """File names a stage writes under its output prefix; the planner wires the next stage's
-    inputs from them, so both sides use these constants."""
-
-    SAMPLES = "samples.jsonl"
-    VOTES = "votes.jsonl"
-    KEPT = "kept.jsonl"
-    ADAPTER = "adapter/"
-    PREDICTIONS = "predictions.jsonl"
-    SEED_PREDICTIONS = "seed_predictions.jsonl"
-    AUGMENTED = "augmented.jsonl"
-
-
-class StageName(str, Enum):
-    sample = "sample"
-    filter = "filter"
-    augment = "augment"
-    train = "train"
-    evaluate = "evaluate"
+# One member per registered stage kind (stage_registry.py), in registration order.
+StageName = Enum("StageName", [(name, name) for name in STAGES], type=str)  # type: ignore[misc]
 
 
 class RunRef(WireModel):
@@ -95,16 +79,6 @@ class StageInputs(WireModel):
     )
 
 
-_NEEDS: dict[StageName, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    # stage: (required inputs, required parameter sections)
-    StageName.sample: (("questions",), ("sampling",)),
-    StageName.filter: (("samples", "votes"), ("filters",)),
-    StageName.train: (("train",), ("training",)),
-    StageName.evaluate: (("evaluation",), ("evaluation",)),
-    StageName.augment: (("predictions",), ("augment",)),
-}
-
-
 class StageTask(WireModel):
     api_version: Literal["selfimprove.dev/v1alpha1"] = Field(API_VERSION, description="Contract version.")
     kind: Literal["StageTask"] = Field("StageTask", description="Always StageTask.")
@@ -127,7 +101,8 @@ class StageTask(WireModel):
 
     @model_validator(mode="after")
     def _has_what_the_stage_needs(self) -> "StageTask":
-        inputs, sections = _NEEDS[self.stage]
+        kind = stage(self.stage.value)
+        inputs, sections = kind.inputs, kind.sections
         for name in inputs:
             if not getattr(self.inputs, name):
                 raise ValueError(f"inputs.{name}: is required for the {self.stage.value} stage")
@@ -200,10 +175,6 @@ class StageResult(WireModel):
     @classmethod
     def parse_summary(cls, text: str) -> "StageResult":
         return cls.model_validate_json(text)
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def full_result(summary: StageResult, details: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -13,10 +13,12 @@ for it, because an API-server default would hide the preset.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from .filter_registry import FILTERS, filter_kinds, register_filter
 
 
 class WireModel(BaseModel):
@@ -187,33 +189,71 @@ class DiversityFilter(WireModel):
     )
 
 
-FILTER_KINDS = ("consistency", "entropy", "distributionShift", "judge", "self", "diversity")
+# The built-in filters (filter_registry.py explains how to add one). Order: the order of the
+# manifest schema's properties and of error messages.
+register_filter("consistency", ConsistencyFilter, "selfimprove_workers.stages.filter:consistency",
+                "Self-consistency filter (LMSI).")
+register_filter("entropy", EntropyFilter, "selfimprove_workers.stages.filter:entropy",
+                "Answer-entropy filter (MoT).")
+register_filter("distributionShift", DistributionShiftFilter, "selfimprove_workers.stages.filter:distribution_shift",
+                "Distribution-shift filter (IWSI); needs `data.validation`.",
+                requires=("data.validation",), uses_model=True)
+register_filter("judge", JudgeFilter, "selfimprove_workers.stages.filter:judge",
+                "LLM-judge filter (AlpaGasus).", uses_model=True)
+register_filter("self", SelfFilter, "selfimprove_workers.stages.filter:self_rating",
+                "Self-evaluation filter (the model rates itself).", uses_model=True)
+register_filter("diversity", DiversityFilter, "selfimprove_workers.stages.filter:diversity",
+                "Coreset filter (LTD).", uses_model=True)
+
+
+def _known_filters() -> str:
+    return ", ".join(filter_kinds())
 
 
 class FilterSpec(WireModel):
     """Exactly one of the fields is set: `- consistency: {minConfidence: 0.9}`."""
 
-    consistency: ConsistencyFilter | None = Field(
-        None, description="Self-consistency filter (LMSI)."
-    )
-    entropy: EntropyFilter | None = Field(None, description="Answer-entropy filter (MoT).")
-    distribution_shift: DistributionShiftFilter | None = Field(
-        None, description="Distribution-shift filter (IWSI); needs `data.validation`."
-    )
-    judge: JudgeFilter | None = Field(None, description="LLM-judge filter (AlpaGasus).")
-    self_: SelfFilter | None = Field(
-        None, alias="self", description="Self-evaluation filter (the model rates itself)."
-    )
-    diversity: DiversityFilter | None = Field(None, description="Coreset filter (LTD).")
+    # The kinds are the filter registry's, not fields declared here: a registered filter is
+    # accepted, documented in the CRD and dispatched without editing this model.
+    model_config = WireModel.model_config | {"extra": "allow"}
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "FilterSpec":
-        if len(self.kinds()) != 1:
-            raise ValueError(f"set exactly one of {', '.join(FILTER_KINDS)}")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _exactly_one(cls, data: Any, handler: Any) -> "FilterSpec":
+        from pydantic_core import InitErrorDetails
+
+        if isinstance(data, FilterSpec):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"a filter is a mapping with one of {_known_filters()}")
+        given = {k: v for k, v in data.items() if v is not None}
+        unknown = [k for k in given if k not in FILTERS]
+        if unknown:
+            raise ValueError(f"unknown filter {unknown[0]!r}; set exactly one of {_known_filters()}")
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of {_known_filters()}")
+        [(kind, raw)] = given.items()
+        try:
+            params = FILTERS[kind].params.model_validate(raw)
+        except ValidationError as exc:
+            raise ValidationError.from_exception_data(cls.__name__, [
+                InitErrorDetails(type=e["type"], loc=(kind, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+                for e in exc.errors()]) from None
+        return handler({kind: params})
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        properties = {}
+        for kind, entry in FILTERS.items():
+            sub = entry.params.model_json_schema(by_alias=True, mode="validation")
+            if "$defs" in sub:
+                raise ValueError(f"filter {kind!r}: parameter models must be flat (no nested models)")
+            sub.pop("title", None)
+            properties[kind] = {"anyOf": [sub, {"type": "null"}], "default": None, "description": entry.description}
+        return {"type": "object", "description": cls.__doc__, "properties": properties}
 
     def kinds(self) -> list[str]:
-        return [k for k in FILTER_KINDS if self.wire().get(k) is not None]
+        return [k for k, v in (self.__pydantic_extra__ or {}).items() if v is not None]
 
     @property
     def kind(self) -> str:
@@ -221,7 +261,19 @@ class FilterSpec(WireModel):
 
     @property
     def params(self) -> WireModel:
-        return getattr(self, {"distributionShift": "distribution_shift", "self": "self_"}.get(self.kind, self.kind))
+        return (self.__pydantic_extra__ or {})[self.kind]
+
+    def get(self, kind: str) -> WireModel | None:
+        """The parameters when this filter is of `kind`, else None."""
+        return (self.__pydantic_extra__ or {}).get(kind)
+
+    def __getattr__(self, item: str) -> Any:
+        # `f.consistency`, `f.distribution_shift`, `f.self_`: the parameters of a registered
+        # kind (None when this filter is of another kind), as if each kind were a field.
+        kind = "self" if item == "self_" else to_camel(item)
+        if kind in FILTERS:
+            return (self.__pydantic_extra__ or {}).get(kind)
+        return super().__getattr__(item)  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------- training

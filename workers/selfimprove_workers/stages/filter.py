@@ -35,9 +35,11 @@ from typing import Any, Callable, Sequence
 
 from ..answers import extract_answer
 from ..chat import render_messages
+from ..constants import OutputName
 from ..data import load_examples
 from ..engines.base import Engine, GenerationParams
 from ..errors import BadInput, DataError
+from ..filter_registry import FILTERS
 from ..prompts import cot_completion, render_prompt, render_target, uses_chat_template
 from ..runtime import StageContext, StageOutcome
 from ..selection import ds_keep, ds_value, importance_weight, k_center_greedy, parse_score, top_fraction
@@ -51,7 +53,7 @@ from ..spec import (
 )
 from ..storage import display_name, json_type_name, read_jsonl
 
-KEPT = "kept.jsonl"
+KEPT = OutputName.KEPT
 # The format IWSI's losses are computed in: the zero-shot CoT training format, i.e. exactly the
 # (prompt, target) pair the train stage optimizes, with no exemplars in the context.
 DS_FORMAT = "zeroShotCot"
@@ -310,16 +312,6 @@ def diversity(fr: FilterRun, cands: list[Candidate], spec: DiversityFilter) -> t
     return [c for i, c in enumerate(cands) if i in keep], {"keep": spec.keep, "target": k}
 
 
-FILTERS: dict[str, FilterFn] = {
-    "consistency": consistency,
-    "entropy": entropy,
-    "distributionShift": distribution_shift,
-    "judge": judge,
-    "self": self_rating,
-    "diversity": diversity,
-}
-
-
 # --------------------------------------------------------------------------- the stage
 def load_validation(ctx: StageContext, answer_spec: Any) -> list[tuple[str, str, str]]:
     uri = ctx.task.inputs.validation
@@ -357,7 +349,7 @@ def run(ctx: StageContext) -> StageOutcome:
         for i, f in enumerate(task.filters):
             t0 = time.perf_counter()
             before = len(cands)
-            cands, info = FILTERS[f.kind](fr, cands, f.params)
+            cands, info = FILTERS[f.kind].load()(fr, cands, f.params)
             steps.append({"kind": f.kind, "in": before, "out": len(cands),
                           "seconds": round(time.perf_counter() - t0, 3), **info})
             ctx.log.info(f"filter {f.kind}: {before} → {len(cands)}")
