@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import log as slog
+from ..constants import EXIT_KILLED, LORA_ATTENTION_MODULES
 from ..contract import StageTask
 from ..errors import BadInput
 from ..spec import LoraSpec
@@ -47,10 +48,9 @@ __all__ = ["TrainJob", "AnswerLoss", "build_model", "train", "EXIT_AFTER_EPOCH_E
 # Test hook (documented in tests/test_train.py): exit the process hard, as a preemption would,
 # right after the checkpoint of this epoch (1-based) is complete in storage.
 EXIT_AFTER_EPOCH_ENV = "SELFIMPROVE_TEST_EXIT_AFTER_EPOCH"
-EXIT_KILLED = 137
 
 # Used only when a task arrives without the preset's values filled in (LMSI's preset).
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_TARGET_MODULES = list(LORA_ATTENTION_MODULES)
 DEFAULT_R, DEFAULT_ALPHA, DEFAULT_LR = 16, 32, 2e-4
 
 log = logging.getLogger("selfimprove.train")
