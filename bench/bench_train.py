@@ -34,7 +34,11 @@ MFU = (FLOPs per token × tokens/s) / peak bf16 FLOP/s, with the FLOPs of LoRA t
 The same FLOP count is used for both sides (the work the loss requires), so the MFU ratio
 equals the throughput ratio.
 
+`--smoke`: 2 rows, one trial per side, batch size 4 — every step in seconds, to check that the
+script still runs (on CPU, or with `--gpu` the GPU path at that size); the figures mean nothing.
+
     .venv/bin/python bench/bench_train.py [--rows 24] [--batch-size 8] [--trials 5] [--threads 1] [--json F]
+    .venv/bin/python bench/bench_train.py --smoke
     python bench/bench_train.py --gpu [--rows 512] [--batch-size 8] [--gradient-checkpointing]
 """
 
@@ -63,6 +67,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "llama3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+SMOKE = dict(rows=2, trials=1, batch_size=4)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
@@ -235,7 +240,13 @@ def main() -> int:
                     help="CPU intra-op threads (default 1: on a shared machine, OpenMP threads spin at "
                          "every barrier while a sibling is descheduled, and timings swing tenfold)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"toy sizes ({', '.join(f'{k}={v}' for k, v in SMOKE.items())}): checks that the "
+                         "bench runs, in seconds; the figures mean nothing")
     args = ap.parse_args()
+    if args.smoke:  # smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args()
 
     import torch
 
@@ -254,6 +265,8 @@ def main() -> int:
     rows_n = args.rows or (512 if args.gpu else 24)
     trials = args.trials or (1 if args.gpu else 5)
 
+    if args.smoke:
+        print("smoke run: toy sizes, to check that the bench runs; the figures mean nothing", flush=True)
     raw = gsm8k_rows(rows_n + 1)
     shot, raw = raw[0], raw[1:]
     tokenizer = build_tokenizer([r["question"] + "\n" + r["answer"] for r in gsm8k_rows(2000)], shape["vocab"])
@@ -328,6 +341,8 @@ def main() -> int:
               + (f", MFU {figures['trainer']['mfu']:.1%}" if peak else ""))
         print(f"ratio stage / Trainer: {ratio:.2f}x best-of, {paired:.2f}x median of paired trials, "
               f"{cpu_ratio:.2f}x in tokens per CPU-second (target >= 1.0x)")
+    if args.smoke:
+        print("(smoke run: not a measurement)")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     return 0
