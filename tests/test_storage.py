@@ -681,6 +681,9 @@ def test_access_denied_and_bad_signature(
 
 def test_redaction_of_known_secrets_and_url_userinfo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-    text = st._redact(f"failed at http://user:{FAKE_SECRET}@host:9000/b with {FAKE_SECRET}")
+    from selfimprove_workers.redaction import redact
+
+    assert st.redact is redact  # storage errors use the one redactor
+    text = redact(f"failed at http://user:{FAKE_SECRET}@host:9000/b with {FAKE_SECRET}")
     assert FAKE_SECRET not in text and "user" not in text
     assert text == "failed at http://***@host:9000/b with ***"

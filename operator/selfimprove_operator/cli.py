@@ -95,7 +95,9 @@ def run_with_view(run, storage: str | None, workdir: str | None = None, stage_co
             live.update(live_view(run.metadata.name, ex.status, progress_of(ex), events))
 
     def on_event(ev) -> None:
-        line = f"{ev.reason}: {ev.message}"
+        from selfimprove_workers.redaction import redact
+
+        line = redact(f"{ev.reason}: {ev.message}")
         events.append(line)
         if not console.is_terminal:
             console.print(line, style="red" if ev.type == "Warning" else None, highlight=False)

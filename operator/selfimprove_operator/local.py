@@ -6,6 +6,9 @@ status is kept next to its artifacts (`<run prefix>/status.json`), so running th
 again resumes: completed stages are skipped by the planner (and, should one be asked again, by
 the stage's own `_SUCCESS` check). Ctrl-C stops the running stage and records it as interrupted
 rather than failed, so the next run simply starts it again.
+
+Whatever a stage prints passes :mod:`selfimprove_workers.redaction` on its way into the stage log
+file, the live view and the status (a custom `--stage-command` need not use the workers' logging).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Callable
 
 from selfimprove_workers.contract import StageResult
 from selfimprove_workers.log import PROGRESS_KEY
+from selfimprove_workers.redaction import redact, redact_obj
 from selfimprove_workers.storage import storage_for
 
 from .api import SelfImproveRun, SelfImproveRunStatus
@@ -164,11 +168,17 @@ class LocalExecutor:
         """Copy the stage's JSON log to its file and pick out progress and metrics."""
         with open(sp.log_file, "a") as log:
             for line in sp.proc.stderr:
-                log.write(line)
                 try:
                     record = json.loads(line)
                 except ValueError:
+                    log.write(redact(line))
                     continue
+                if not isinstance(record, dict):
+                    log.write(redact(line))
+                    continue
+                clean = redact_obj(record)
+                log.write(line if clean == record else json.dumps(clean, ensure_ascii=False) + "\n")
+                record = clean
                 with self.lock:
                     if PROGRESS_KEY in record:
                         prog = record[PROGRESS_KEY]
@@ -208,6 +218,8 @@ class LocalExecutor:
                     result = StageResult.parse_summary(sp.result_file.read_text())
                 except ValueError:
                     result = None
+            if result is not None and result.message:
+                result = result.model_copy(update={"message": redact(result.message)})
             if code == 0 and result is not None:
                 self.observed[key] = Observed(attempt=sp.start.attempt, state="succeeded", result=result)
             else:
@@ -215,7 +227,7 @@ class LocalExecutor:
                 self.observed[key] = Observed(
                     attempt=sp.start.attempt, state="failed", exit_code=code, result=result,
                     reason=None if code >= 0 else f"Signal{-code}",
-                    message=(result.message if result and result.message else tail) or f"exit code {code}",
+                    message=redact((result.message if result and result.message else tail) or f"exit code {code}"),
                 )
         return changed
 

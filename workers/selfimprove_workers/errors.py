@@ -2,11 +2,20 @@
 
 The split matters at the process boundary: a `BadInput` is the user's to fix (exit code 2, the
 control plane does not retry it), anything else is treated as transient (exit code 1, retried).
+
+Every message is redacted when the error is made (:func:`selfimprove_workers.redaction.redact`):
+`str(exc)`, `repr(exc)` and a formatted traceback of our own errors never carry a credential,
+wherever they end up (a log, a termination message, an Event).
 """
+
+from .redaction import redact
 
 
 class SelfImproveError(Exception):
-    """Base class of the errors selfimprove raises on purpose."""
+    """Base class of the errors selfimprove raises on purpose; string arguments are redacted."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class BadInput(SelfImproveError):

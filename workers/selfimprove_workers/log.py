@@ -2,7 +2,9 @@
 
 One JSON object per line on stderr: `{"ts", "level", "logger", "msg", ...extra}`. Progress is a
 log record with a `progress` field (`{"done", "total", "unit"}`), which the local runner renders
-as a progress bar and a person can still read in `kubectl logs`.
+as a progress bar and a person can still read in `kubectl logs`. Every field of a record goes
+through :func:`selfimprove_workers.redaction.redact_obj` before it is serialized, so a line never
+carries a credential and is always valid JSON.
 """
 
 from __future__ import annotations
@@ -13,18 +15,9 @@ import os
 import sys
 import time
 
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+from .redaction import redact_obj
+
 PROGRESS_KEY = "progress"
-
-
-def secret_values() -> list[str]:
-    return [v for k in SECRET_ENV if (v := os.environ.get(k)) and len(v) >= 4]
-
-
-def redact(text: str) -> str:
-    for value in secret_values():
-        text = text.replace(value, "***")
-    return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,7 +33,7 @@ class JsonFormatter(logging.Formatter):
                 body[key] = getattr(record, key)
         if record.exc_info:
             body["error"] = self.formatException(record.exc_info)
-        return redact(json.dumps(body, ensure_ascii=False, default=str))
+        return json.dumps(redact_obj(body), ensure_ascii=False)
 
 
 def setup(level: str | None = None) -> None:

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from . import log
 from .contract import RESULT_FILE, StageName, StageResult, StageTask, full_result, now_rfc3339
 from .errors import BadInput, CorruptObjectError, StorageError
+from .redaction import redact
 from .validation import describe
 
 EXIT_OK, EXIT_TRANSIENT, EXIT_BAD_INPUT = 0, 1, 2
@@ -187,7 +188,7 @@ def _failure(task: StageTask | None, reason: str, message: str) -> StageResult |
         return None
     return StageResult(
         stage=task.stage, round=task.round, status="Failed", reason=reason,
-        message=log.redact(message), finished_at=now_rfc3339(),
+        message=redact(message), finished_at=now_rfc3339(),
     )
 
 
@@ -216,5 +217,5 @@ def main(argv: list[str] | None = None, stage_fn: StageFn | None = None) -> int:
     if failed is not None:
         write_summary(failed)
     elif (path := termination_log_path()) is not None:
-        path.write_text(json.dumps({"status": "Failed", "reason": reason, "message": log.redact(message)[:3000]}))
+        path.write_text(json.dumps({"status": "Failed", "reason": reason, "message": redact(message)[:3000]}))
     return code

@@ -17,12 +17,14 @@ Commit protocol
 Credentials
     S3 credentials come only from boto3's standard chain (``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``...). Error messages are built by this module
-    from the URI, the operation and the S3 error code, and pass through a redaction step that
-    removes any credential value the process knows of. This module's logger never logs request
-    headers, client configuration or credentials. We never enable botocore's DEBUG logging: botocore
-    logs full request headers at DEBUG, and with temporary credentials those include the session
-    token (``X-Amz-Security-Token``). Leave the ``botocore``/``boto3``/``urllib3`` loggers at INFO
-    or above in workers.
+    from the URI, the operation and the S3 error code, and pass through
+    :func:`selfimprove_workers.redaction.redact` with the session's frozen credentials as extra
+    values (they may come from a profile, not the environment), which removes every credential
+    value the process knows of, URL userinfo and credential-shaped text. This module's logger
+    never logs request headers, client configuration or credentials. We never enable botocore's
+    DEBUG logging: botocore logs full request headers at DEBUG, and with temporary credentials
+    those include the session token (``X-Amz-Security-Token``). Leave the ``botocore``/``boto3``/
+    ``urllib3`` loggers at INFO or above in workers.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -45,6 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from .errors import CorruptObjectError, DataError, NotFoundError, StorageError
+from .redaction import CREDENTIAL_ENV, redact
 
 __all__ = [
     "MARKER_NAME",
@@ -203,28 +205,6 @@ def _relative_name(name: str) -> str:
     if parts[0] == MARKER_NAME:
         raise ValueError(f"{MARKER_NAME} is reserved for the commit marker")
     return "/".join(parts)
-
-
-# --------------------------------------------------------------------------------------------
-# Credential redaction
-
-_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_CREDENTIAL_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-
-
-def _secret_values(extra: Iterable[str | None] = ()) -> list[str]:
-    values = [os.environ.get(k) for k in _CREDENTIAL_ENV]
-    values.extend(extra)
-    # Very short values would redact ordinary words; real keys are 16+ characters.
-    return sorted({v for v in values if v and len(v) >= 8}, key=len, reverse=True)
-
-
-def _redact(text: str, extra: Iterable[str | None] = ()) -> str:
-    """Remove credential values and URL userinfo from a message before anyone sees it."""
-    text = _URL_USERINFO.sub(r"\1***@", text)
-    for value in _secret_values(extra):
-        text = text.replace(value, "***")
-    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +420,7 @@ def _credential_fingerprint() -> str:
     # a new client. Only a digest goes into the cache key, so the key never shows a secret.
     material = "\0".join(
         os.environ.get(k, "")
-        for k in (*_CREDENTIAL_ENV, "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+        for k in (*CREDENTIAL_ENV, "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
     )
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
@@ -517,7 +497,7 @@ class S3Storage(Storage):
             client = session.client("s3", endpoint_url=self.endpoint, config=config)
             _clients[key] = (client, session)
             log.debug(
-                "created S3 client (endpoint=%s, region=%s)", _redact(str(effective)), self.region
+                "created S3 client (endpoint=%s, region=%s)", redact(str(effective)), self.region
             )
             return client, session
 
@@ -552,13 +532,13 @@ class S3Storage(Storage):
             status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
             if code in _NOT_FOUND_CODES:
                 what = "bucket not found" if code == "NoSuchBucket" else "not found"
-                return NotFoundError(_redact(f"{uri}: {what} ({code})", extra))
+                return NotFoundError(redact(f"{uri}: {what} ({code})", extra))
             text = f"{op} {uri}: S3 error {code}"
             if status:
                 text += f" (HTTP {status})"
             if message:
                 text += f": {message}"
-            return StorageError(_redact(text, extra))
+            return StorageError(redact(text, extra))
         if isinstance(cause, NoCredentialsError):
             return StorageError(
                 f"{op} {uri}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
@@ -569,8 +549,8 @@ class S3Storage(Storage):
             detail = str(cause)
             if detail:
                 text += f": {detail}"
-            return StorageError(_redact(text, extra))
-        return StorageError(_redact(f"{op} {uri}: {type(exc).__name__}: {exc}", extra))
+            return StorageError(redact(text, extra))
+        return StorageError(redact(f"{op} {uri}: {type(exc).__name__}: {exc}", extra))
 
     def _call(self, op: str, uri: str, fn: Any, /, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError

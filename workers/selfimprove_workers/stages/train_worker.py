@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import log
 from ..errors import BadInput
+from ..redaction import redact
 
 logger = logging.getLogger("selfimprove.train")
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 — process boundary; the stage decides what it means
         logger.exception("training process failed")
         reason, message, code = "Error", f"{type(exc).__name__}: {exc}", 1
-    (job_dir / f"error-{rank}.json").write_text(json.dumps({"reason": reason, "message": log.redact(message)}))
+    (job_dir / f"error-{rank}.json").write_text(json.dumps({"reason": reason, "message": redact(message)}))
     return code
 
 
