@@ -4,7 +4,7 @@ their strict variant: an unknown field is an error, as with `kubectl apply --val
 
 - the batch/v1 Job of every stage of every strategy, under every resource/placement/operator
   setting that changes the manifest (`jobs.build_job`, fed with the planner's own StartStages);
-- the core/v1 Event of every reason the operator emits (`controller.event_body`);
+- the core/v1 Event of every reason the operator emits (`events.event_body`);
 - every object the Helm chart renders in every values scenario of test_chart;
 - the CustomResourceDefinitions (crds/ and the chart's crds/);
 - the README's minimum version against `k8s_schemas.MINIMUM`.
@@ -28,8 +28,10 @@ import yaml
 import k8s_schemas
 from selfimprove_operator.api import MAX_RUN_NAME, SelfImproveRunSpec
 from selfimprove_operator.k8s.config import OperatorConfig
-from selfimprove_operator.k8s.controller import EVENT_MESSAGE_LIMIT, OWN_DEGRADED, Controller, event_body
+from selfimprove_operator.k8s.controller import Controller
+from selfimprove_operator.k8s.events import EVENT_MESSAGE_LIMIT, event_body
 from selfimprove_operator.k8s.jobs import build_job
+from selfimprove_operator.k8s.reconciler import OWN_DEGRADED
 from selfimprove_operator.planner import Event, Observed, RunIdentity, StartStage, plan
 from selfimprove_operator.presets import ROUND_STAGES
 from selfimprove_workers.contract import StageResult
@@ -279,7 +281,7 @@ EVENT_REASONS = {
     ("Normal", "Succeeded"),
     ("Normal", "StageDisrupted"), ("Warning", "StagePending"),                           # observe.py
     ("Warning", "ReconcileError"), ("Warning", "JobCreationFailed"), ("Warning", "JobConflict"),
-    ("Warning", "InvalidSpec"),                                                           # controller.py
+    ("Warning", "InvalidSpec"),                                                           # reconciler.py
 }
 OPERATOR = ROOT / "operator" / "selfimprove_operator"
 
@@ -287,14 +289,14 @@ OPERATOR = ROOT / "operator" / "selfimprove_operator"
 def test_every_reason_is_covered():
     planner = (OPERATOR / "planner.py").read_text()
     observe = (OPERATOR / "k8s" / "observe.py").read_text()
-    controller = (OPERATOR / "k8s" / "controller.py").read_text()
+    k8s_code = "".join(p.read_text() for p in sorted((OPERATOR / "k8s").glob("*.py")))
     emitted = set(re.findall(r'Event\("(Normal|Warning)", "(\w+)"', planner))
     for call in observe.split("Notice(")[1:]:
         args = call[:400]
         type_ = re.search(r'type="(\w+)"', args)
         emitted.add((type_.group(1) if type_ else "Normal", re.search(r'reason="(\w+)"', args).group(1)))
-    emitted |= set(re.findall(r'_post_event\([^,]+, "(Normal|Warning)", "(\w+)"', controller))
-    emitted |= {("Warning", r) for r in OWN_DEGRADED}  # _handle_error's and _invalid_spec's reasons
+    emitted |= set(re.findall(r'recorder\.event\([^,]+, "(Normal|Warning)", "(\w+)"', k8s_code))
+    emitted |= {("Warning", r) for r in OWN_DEGRADED}  # report_error's and _invalid_spec's reasons
     assert emitted == EVENT_REASONS, f"emitted, not covered: {sorted(emitted - EVENT_REASONS)}; " \
                                      f"covered, not emitted: {sorted(EVENT_REASONS - emitted)}"
 
@@ -383,8 +385,9 @@ def test_event_body_is_what_the_controller_posts():
 
     async def main():
         c = Controller(config, kube=Kube(), clock=lambda: T0)
-        c._post_event(run_object(), "Warning", "StageFailed", "é" * 2000)
-        await asyncio.gather(*list(c._event_tasks))
+        c.recorder.event(run_object(), "Warning", "StageFailed", "é" * 2000)
+        await c.recorder.drain()
+        assert c.recorder.in_flight() == 0
 
     asyncio.run(main())
     assert posted == [("/api/v1/namespaces/team-a/events",

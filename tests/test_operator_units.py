@@ -26,11 +26,13 @@ except ImportError:  # pragma: no cover
         raise
     pytest.skip("kopf not installed", allow_module_level=True)
 
+from selfimprove_operator.k8s.cache import RunState
 from selfimprove_operator.k8s.config import OperatorConfig, default_priority, parse_setting, unknown_settings
-from selfimprove_operator.k8s.controller import Controller, RunState
+from selfimprove_operator.k8s.controller import Controller
 from selfimprove_operator.k8s.jobs import build_job
 from selfimprove_operator.k8s.kube import ApiError
 from selfimprove_operator.k8s.observe import Observation, log_tail, observe_job, observe_run
+from selfimprove_operator.k8s.reconciler import Result
 from selfimprove_operator.k8s.status import status_patch
 from selfimprove_operator.k8s.workqueue import WorkQueue
 
@@ -433,11 +435,13 @@ def _controller() -> tuple[Controller, FakeKube]:
 @pytest.mark.asyncio
 async def test_status_is_stored_before_the_job_is_created():
     c, kube = _controller()
-    await c.reconcile(("ns", "demo"))
+    result = await c.reconcile(("ns", "demo"))
     assert [k for k, _ in kube.calls] == ["patch", "create"]
     assert kube.calls[1][1] == "/apis/batch/v1/namespaces/ns/jobs"
     stored = kube.objects["run"]["status"]["rounds"][0]["stages"][0]
     assert (stored["state"], stored["job"]) == ("Running", "demo-r0-evaluate")
+    # A running run is looked at again by the resync safety net; reconcile only says so.
+    assert result == Result(requeue=False, requeue_after=c.config.resync_seconds) and not c.queue.pending()
     c.queue.close()
 
 
@@ -445,9 +449,10 @@ async def test_status_is_stored_before_the_job_is_created():
 async def test_a_plan_from_a_stale_copy_is_never_acted_upon():
     c, kube = _controller()
     kube.fail_patch = ApiError(422, "Invalid", "stale")
-    await c.reconcile(("ns", "demo"))
+    result = await c.reconcile(("ns", "demo"))
     assert [k for k, _ in kube.calls] == ["patch", "get"]  # re-read, and no Job created
-    assert c.queue._queued == {("ns", "demo")}           # planned again from the fresh copy
+    assert result == Result(requeue=True)                 # planned again from the fresh copy
+    assert c.run_state(("ns", "demo")).body["metadata"]["resourceVersion"] == "99"  # the fresh copy
     c.queue.close()
 
 
@@ -467,8 +472,8 @@ async def test_a_conflict_is_a_replan_even_when_a_watch_event_lands_during_the_p
         raise ApiError(422, "Invalid", "9 is not equal to tested value 7")
 
     kube.json_patch = patch_losing_the_race
-    await c.reconcile(key)  # no exception: nothing to count as a reconcile error
-    assert [k for k, _ in kube.calls] == ["patch", "get"] and c.queue._queued == {key}
+    result = await c.reconcile(key)  # no exception: nothing to count as a reconcile error
+    assert [k for k, _ in kube.calls] == ["patch", "get"] and result == Result(requeue=True)
     c.queue.close()
 
 
@@ -478,14 +483,54 @@ async def test_a_status_the_api_rejects_is_an_error_not_a_loop():
     kube.fail_patch = ApiError(422, "Invalid", "status.rounds[0].stages[0].state: Unsupported value")
     with pytest.raises(ApiError):
         await c.reconcile(("ns", "demo"))  # the worker counts it, records it and backs off
-    assert [k for k, _ in kube.calls] == ["patch", "get"] and not c.queue._queued
+    assert [k for k, _ in kube.calls] == ["patch", "get"] and not c.queue.pending()
     c.queue.close()
+
+
+@pytest.mark.asyncio
+async def test_the_workers_apply_what_a_reconcile_returns():
+    c, _ = _controller()
+    key = ("ns", "demo")
+    results = iter([Result(requeue=True), Result(requeue_after=30)])
+    seen = []
+
+    async def reconcile(k):
+        seen.append(k)
+        return next(results, Result())
+
+    c.reconciler.reconcile = reconcile
+    await c.start()
+    c.queue.add(key)
+    await asyncio.wait_for(c.queue.wait_idle(), 1)
+    assert seen == [key, key]                    # requeue: once more, right after the pass
+    assert 29 < c.queue.delay_of(key) <= 30      # requeue_after: a wake-up later
+    await c.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_reconcile_backs_off_and_is_recorded_on_the_run():
+    c, kube = _controller()
+    key = ("ns", "demo")
+
+    async def reconcile(k):
+        raise RuntimeError("boom")
+
+    c.reconciler.reconcile = reconcile
+    await c.start()
+    c.queue.add(key)
+    await asyncio.wait_for(c.queue.wait_idle(), 1)
+    assert c.queue.failures(key) == 1 and 0 < c.queue.delay_of(key) <= c.config.reconcile_backoff
+    assert c.metrics.registry.get_sample_value("selfimprove_reconcile_errors_total") == 1
+    degraded = {x["type"]: x for x in kube.objects["run"]["status"]["conditions"]}["Degraded"]
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == ("True", "ReconcileError", "RuntimeError: boom")
+    await c.stop()
+    assert ("create", "/api/v1/namespaces/ns/events") in kube.calls
 
 
 def test_own_echo_and_older_events_do_not_replace_a_newer_copy():
     c, _ = _controller()
     key = ("ns", "demo")
-    state: RunState = c.runs[key]
+    state: RunState = c.run_state(key)
     newer = copy.deepcopy(state.body)
     newer["metadata"]["resourceVersion"] = "9"
     state.body, state.pinned_rv = newer, "9"

@@ -33,6 +33,7 @@ from selfimprove_workers.redaction import redact, redact_obj
 from selfimprove_workers.storage import storage_for
 
 from .api import SelfImproveRun, SelfImproveRunStatus
+from .k8s.desired import running_stages
 from .planner import Event, Observed, Plan, RunIdentity, StartStage, SuspendStage, is_terminal, plan, run_prefix
 from .presets import resolve
 
@@ -122,12 +123,8 @@ class LocalExecutor:
         """A stage recorded as Running has no process any more: the previous runner died (kill,
         crash, power). That is an interruption of the runner, not a failure of the stage, so it
         is started again as a new attempt, without spending a retry or waiting for a backoff."""
-        if self.status is None:
-            return
-        for r in self.status.rounds:
-            for s in r.stages:
-                if s.state == "Running":
-                    s.state, s.message = "Pending", "interrupted; resumed"
+        for _, s in running_stages(self.status):
+            s.state, s.message = "Pending", "interrupted; resumed"
 
     # ------------------------------------------------------------------ one planning step
     def step(self) -> Plan:
@@ -254,10 +251,9 @@ class LocalExecutor:
         for key in list(self.running):
             sp = self.running[key]
             self._stop(key)
-            for r in self.status.rounds:
-                for s in r.stages:
-                    if (r.round, s.name) == key and s.state == "Running" and s.attempts == sp.start.attempt:
-                        s.state, s.message = "Pending", "interrupted; run the same command to resume"
+            for rnd, s in running_stages(self.status):
+                if (rnd, s.name) == key and s.attempts == sp.start.attempt:
+                    s.state, s.message = "Pending", "interrupted; run the same command to resume"
         self.status.message = "interrupted; run the same command to resume"
         self.store.save(self.status)
 

@@ -9,21 +9,22 @@
 - `selfimprove_stage_disruptions_total`: pods preempted or evicted (not failures);
 - `selfimprove_reconcile_errors_total`, `selfimprove_reconcile_seconds`, `selfimprove_jobs_created_total`.
 
-The endpoint is served from the operator's event loop (aiohttp, already kopf's HTTP stack), so
-the collector reads the cache without locks and no thread is needed.
+The endpoint (`metrics_server`) is served from the operator's event loop (aiohttp, already
+kopf's HTTP stack), so the collector reads the cache without locks and no thread is needed.
 """
 
 from __future__ import annotations
 
 from collections import Counter as _Counter
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..api import Phase
-from typing import get_args
+from ..api import Phase, SelfImproveRunStatus, StageStatus
+from ..planner import parse_time
 
 PHASES = get_args(Phase)
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
@@ -69,3 +70,22 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # ---------------------------------------------------------------- from status transitions
+    def count_transitions(self, old: SelfImproveRunStatus | None, new: SelfImproveRunStatus) -> None:
+        """Stage failures and durations from one stored status to the next."""
+        before = {(r.round, s.name): s for r in (old.rounds if old else []) for s in r.stages}
+        for r in new.rounds:
+            for s in r.stages:
+                prev = before.get((r.round, s.name))
+                failures = s.failures - (prev.failures if prev else 0)
+                if failures > 0:
+                    self.stage_failures.labels(s.name, s.reason or "Unknown").inc(failures)
+                    self._observe_duration(s, "Failed")
+                if s.state == "Succeeded" and (prev is None or prev.state != "Succeeded"):
+                    self._observe_duration(s, "Succeeded")
+
+    def _observe_duration(self, stage: StageStatus, outcome: str) -> None:
+        if stage.start_time and stage.completion_time:
+            seconds = (parse_time(stage.completion_time) - parse_time(stage.start_time)).total_seconds()
+            self.stage_duration.labels(stage.name, outcome).observe(max(0.0, seconds))

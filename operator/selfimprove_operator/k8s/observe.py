@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Iterable
 
 from selfimprove_workers.contract import StageResult
 
 from ..planner import Observed, parse_time
+from .bodies import Condition, ContainerStateTerminated, ContainerStatus, JobBody, PodBody
 from .jobs import ATTEMPT_LABEL, CONTAINER, JOB_NAME_LABELS, ROUND_LABEL, STAGE_LABEL
 
 # Waiting reasons of a container that will not fix themselves quickly.
@@ -56,7 +57,7 @@ class Observation:
             self.wake_at = when
 
 
-def stage_key(obj: dict[str, Any]) -> tuple[int, str, int] | None:
+def stage_key(obj: JobBody | PodBody) -> tuple[int, str, int] | None:
     """(round, stage, attempt) from a Job's or Pod's labels; None when they are not ours."""
     labels = obj.get("metadata", {}).get("labels") or {}
     try:
@@ -65,14 +66,14 @@ def stage_key(obj: dict[str, Any]) -> tuple[int, str, int] | None:
         return None
 
 
-def controller_uid(obj: dict[str, Any]) -> str | None:
+def controller_uid(obj: JobBody | PodBody) -> str | None:
     for ref in obj.get("metadata", {}).get("ownerReferences") or ():
         if ref.get("controller"):
             return ref.get("uid")
     return None
 
 
-def job_name_of_pod(pod: dict[str, Any]) -> str | None:
+def job_name_of_pod(pod: PodBody) -> str | None:
     labels = pod.get("metadata", {}).get("labels") or {}
     for key in JOB_NAME_LABELS:
         if labels.get(key):
@@ -89,11 +90,11 @@ def _time(text: str | None) -> datetime | None:
         return None
 
 
-def _true_conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _true_conditions(obj: JobBody | PodBody) -> dict[str, Condition]:
     return {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or () if c.get("status") == "True"}
 
 
-def _container(pod: dict[str, Any]) -> dict[str, Any] | None:
+def _container(pod: PodBody) -> ContainerStatus | None:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     for cs in statuses:
         if cs.get("name") == CONTAINER:
@@ -101,14 +102,14 @@ def _container(pod: dict[str, Any]) -> dict[str, Any] | None:
     return statuses[0] if statuses else None
 
 
-def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+def _terminated(pod: PodBody) -> ContainerStateTerminated | None:
     cs = _container(pod)
     if cs is None:
         return None
     return (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
 
 
-def disrupted(pod: dict[str, Any]) -> dict[str, Any] | None:
+def disrupted(pod: PodBody) -> Condition | None:
     return _true_conditions(pod).get("DisruptionTarget")
 
 
@@ -148,14 +149,14 @@ def _short(text: str) -> str:
     return text if len(text) <= MESSAGE_LIMIT else "…" + text[-(MESSAGE_LIMIT - 1):]
 
 
-def _sorted_pods(pods: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def _sorted_pods(pods: Iterable[PodBody]) -> list[PodBody]:
     return sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"].get("name") or ""))
 
 
 # =========================================================================== one Job
 def observe_job(
-    job: dict[str, Any],
-    pods: list[dict[str, Any]],
+    job: JobBody,
+    pods: list[PodBody],
     now: datetime,
     out: Observation,
     *,
@@ -259,7 +260,7 @@ def observe_job(
     return Observed(attempt=attempt, state="pending", reason=reason, message=text)
 
 
-def _stuck(pod: dict[str, Any]) -> tuple[str, str | None] | None:
+def _stuck(pod: PodBody) -> tuple[str, str | None] | None:
     status = pod.get("status") or {}
     for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
         waiting = (cs.get("state") or {}).get("waiting") or {}
@@ -271,7 +272,7 @@ def _stuck(pod: dict[str, Any]) -> tuple[str, str | None] | None:
     return None
 
 
-def _record_start(job: dict[str, Any], pod: dict[str, Any], out: Observation) -> None:
+def _record_start(job: JobBody, pod: PodBody, out: Observation) -> None:
     """Time from the Job's creation to its worker running (queueing, scheduling, image pull)."""
     cs = _container(pod)
     if cs is None:
@@ -289,7 +290,7 @@ _META_KEPT = ("name", "namespace", "uid", "labels", "ownerReferences", "creation
 _POD_STATUS_KEPT = ("phase", "reason", "conditions", "containerStatuses", "initContainerStatuses")
 
 
-def slim_job(job: dict[str, Any]) -> dict[str, Any]:
+def slim_job(job: JobBody) -> JobBody:
     """What observing and cleaning up need of a Job: a cache of full Jobs (each carries its task
     and pod template) would cost the operator memory per stage for nothing."""
     meta = job.get("metadata") or {}
@@ -301,7 +302,7 @@ def slim_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
+def slim_pod(pod: PodBody) -> PodBody:
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
     return {
@@ -310,7 +311,7 @@ def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def job_signature(job: dict[str, Any]) -> tuple:
+def job_signature(job: JobBody) -> tuple:
     """The parts of a Job an observation depends on: an event that leaves them unchanged (the
     `active` count, `ready`, `startTime` …) cannot change what the planner sees."""
     conditions = tuple(sorted((c.get("type") or "", c.get("reason") or "") for c in (job.get("status") or {}).get("conditions") or ()
@@ -321,7 +322,7 @@ def job_signature(job: dict[str, Any]) -> tuple:
 QUIET_POD = (None, None, False)
 
 
-def pod_signature(pod: dict[str, Any] | None) -> tuple:
+def pod_signature(pod: PodBody | None) -> tuple:
     """Likewise for a Pod: finished or not, stuck or not, disrupted or not. A pod that is
     created, scheduled and starts normally (QUIET_POD) changes nothing the planner sees."""
     if pod is None:
@@ -334,21 +335,21 @@ def pod_signature(pod: dict[str, Any] | None) -> tuple:
 # =========================================================================== a run
 def observe_run(
     run_uid: str | None,
-    jobs: Iterable[dict[str, Any]],
-    pods: Iterable[dict[str, Any]],
+    jobs: Iterable[JobBody],
+    pods: Iterable[PodBody],
     now: datetime,
     *,
     pending_timeout: float,
     result_grace: float,
     first_seen: dict[str, datetime] | None = None,
-    deleted_jobs: Iterable[dict[str, Any]] = (),
+    deleted_jobs: Iterable[JobBody] = (),
 ) -> Observation:
     """The latest attempt of every (round, stage) the run's Jobs show. Jobs whose controller is
     another object (a deleted run of the same name) are not this run's. `deleted_jobs` are the
     last known states of Jobs that disappeared: a finished one still tells how it ended, an
     unfinished one is reported `missing`."""
     out = Observation()
-    by_job: dict[str, list[dict[str, Any]]] = {}
+    by_job: dict[str, list[PodBody]] = {}
     for pod in pods:
         name = job_name_of_pod(pod)
         if name:

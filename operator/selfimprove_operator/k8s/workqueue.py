@@ -94,6 +94,26 @@ class WorkQueue:
             timer.cancel()
         self._timers.clear()
 
+    # ---------------------------------------------------------------- reading (read-only views)
+    def pending(self) -> frozenset[Hashable]:
+        """Keys waiting for a worker (not those being processed, nor delayed ones)."""
+        return frozenset(self._queued)
+
+    def processing(self) -> frozenset[Hashable]:
+        """Keys a worker holds now; `requeued` tells which of them run once more afterwards."""
+        return frozenset(self._active)
+
+    def requeued(self, key: Hashable) -> bool:
+        """True when `key` was added while being processed: it is processed again after `done`."""
+        return key in self._dirty
+
+    def delay_of(self, key: Hashable) -> float | None:
+        """Seconds until the delayed wake-up of `key` (None when there is none)."""
+        timer = self._timers.get(key)
+        if timer is None or timer.cancelled():
+            return None
+        return max(0.0, timer.when() - asyncio.get_running_loop().time())
+
     async def wait_idle(self) -> None:
         """Until nothing is queued or being processed (timers may still be pending)."""
         await self._idle.wait()
