@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import kmock  # noqa: E402
-
 from k8s_fixtures import RUNS, ApiServer, FakeCluster, Succeed, run_manifest  # noqa: E402
 
 SMOKE = dict(runs=3, stage_seconds=0.3, timeout=120)

@@ -143,7 +143,7 @@ def main() -> int:
         task = StageTask.model_validate({
             "run": {"name": "bench"}, "round": 1, "stage": "sample", "output": str(work / f"out-{i}"),
             "model": {"base": str(model_dir)}, "inputs": {"questions": str(questions)},
-            "task": task_spec.wire(), "sampling": sampling, "engine": spec.wire(),
+            "prompting": task_spec.wire(), "sampling": sampling, "engine": spec.wire(),
         })
         t = time.perf_counter()
         result = run_task(task, sample.run)

@@ -145,8 +145,7 @@ def run_stage(model_dir: Path, examples, args, work: Path, pad_id: int) -> dict[
 def run_trainer(model_dir: Path, examples, args, work: Path, tokenizer) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     cuda = torch.cuda.is_available()
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from k8s_schemas import Cause, causes_of, field_path
 

@@ -2,11 +2,9 @@
 complete, commit protocol, termination log, exit codes) around a stage body that only writes
 plausible metrics. Behaviour per stage comes from FAKE_STAGE_* environment variables."""
 
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from selfimprove_workers import runtime
 from selfimprove_workers.errors import BadInput

@@ -1,7 +1,7 @@
 """Kubernetes for tests: kmock's API emulator with the API-server semantics the operator relies
 on, a fake cluster that plays kubelet and Job controller, and the operator run in-process.
 
-Import into ``tests/conftest.py`` (``from k8s_fixtures import *``). Fixtures:
+Loaded as a pytest plugin by ``tests/conftest.py``. Fixtures:
 
 - ``k8s`` (:class:`ApiServer`): the emulator on 127.0.0.1 (a free port), with the resources the
   operator uses declared for discovery and the peering object created;
@@ -61,7 +61,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,7 @@ def need_kmock() -> None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def run_manifest(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:

@@ -162,7 +162,7 @@ class OfficialSchemas:
         return causes_of(sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schemas(version: str) -> OfficialSchemas:
     return OfficialSchemas(version)
 

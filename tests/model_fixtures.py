@@ -1,7 +1,7 @@
 """Tiny real models for tests: a random-weight Llama that transformers, peft and vLLM (CPU) load,
 plus a LoRA adapter for it. Built offline, once per session.
 
-`tests/conftest.py` star-imports this module; helpers that are not fixtures (`require_vllm`,
+Loaded as a pytest plugin by `tests/conftest.py`; helpers that are not fixtures (`require_vllm`,
 `run_worker`, `write_jsonl`) are imported by name where they are used.
 """
 
@@ -12,8 +12,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 

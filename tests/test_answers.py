@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from selfimprove_workers.answers import answers_equal, extract_answer, normalize_number
 from selfimprove_workers.spec import AnswerSpec
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-
 from selfimprove_operator.api import SelfImproveRun, SelfImproveRunSpec
 from selfimprove_operator.cli import main
 from selfimprove_operator.manifest import ManifestInvalid, load_runs, runs_from_text

@@ -10,8 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-
-from k8s_fixtures import JOBS, RUNS, need_kmock, run_manifest
+from k8s_fixtures import RUNS, need_kmock, run_manifest
 
 pytestmark = [pytest.mark.k8s]
 
@@ -236,7 +235,6 @@ def test_every_status_the_planner_writes_is_stored_unpruned(case, status):
     """A status field the CRD lacks would be dropped without an error (and never be seen by
     `kubectl`, the GitOps health checks or the operator's next pass)."""
     import yaml
-
     from crd_semantics import CustomResourceSchema
     from k8s_fixtures import CRD_FILE
     from selfimprove_operator.api import SelfImproveRunStatus
@@ -256,7 +254,6 @@ def test_printer_columns_resolve_on_a_planner_status():
     status the planner wrote, gives the intended value with the column's type."""
     import yaml
     from jsonpath_ng import parse
-
     from k8s_fixtures import CRD_FILE
     from selfimprove_operator.api import SelfImproveRunStatus
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from k8s_fixtures import need_kmock
 from model_fixtures import require_vllm
 

@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import jsonschema

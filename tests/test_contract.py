@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from selfimprove_workers.contract import SUMMARY_LIMIT, StageResult, StageTask
-from selfimprove_workers.errors import BadInput, DataError
-from selfimprove_workers.runtime import EXIT_BAD_INPUT, StageOutcome, load_task, main, run_task
+from selfimprove_workers.errors import BadInput
+from selfimprove_workers.runtime import EXIT_BAD_INPUT, StageOutcome, load_task, run_task
 from selfimprove_workers.storage import is_complete, read_marker
 
 ROOT = Path(__file__).resolve().parents[1]

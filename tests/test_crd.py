@@ -7,7 +7,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from selfimprove_operator.api import Condition, RoundStatus, SelfImproveRunStatus, StageStatus
 from selfimprove_operator.cli import main
 from selfimprove_operator.crd import CRD_PATH, build_crd, render_crd

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from selfimprove_workers.demo.arithmetic import (
     TaskConfig,
     format_prompt,
@@ -123,10 +122,9 @@ def test_warm_start_stops_at_the_first_check_that_reaches_the_target(tmp_path, s
 def test_greedy_accuracy_scores_against_the_answer_key(tmp_path):
     """A model that can only say `#### 3` is right on exactly the rows whose answer is 3."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from selfimprove_workers.demo.tinymodel import build_tiny_llama
     from selfimprove_workers.demo.warmstart import greedy_accuracy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = build_tiny_llama(tmp_path / "m", **TINY)
     tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from model_fixtures import require_vllm
 from selfimprove_workers.demo.arithmetic import write_splits
 
@@ -105,7 +104,7 @@ def test_shortened_demo_killed_during_training_resumes(tmp_path, tiny_model_dir)
         listed = json.loads(after[stage])["files"]
         for name in files:
             assert name in listed and (run_dir / stage / name).stat().st_size == listed[name]["size"]
-    votes = [json.loads(l) for l in (run_dir / "round-001/sample/votes.jsonl").read_text().splitlines()]
+    votes = [json.loads(line_) for line_ in (run_dir / "round-001/sample/votes.jsonl").read_text().splitlines()]
     assert len(votes) == 6 and all(v["paths"] == 4 for v in votes)
 
     status = json.loads(status_file.read_text())

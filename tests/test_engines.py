@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from model_fixtures import require_vllm
 from selfimprove_workers.engines import load_engine
 from selfimprove_workers.engines.base import GenerationParams, encode_prompt, prompt_seed

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import pytest
-
 from selfimprove_workers.contract import StageTask
 from selfimprove_workers.engines.base import Completion, GenerationOutput, GenerationParams
 from selfimprove_workers.runtime import EXIT_BAD_INPUT, main, run_task
 from selfimprove_workers.stages.evaluate import evaluate
-
 from train_fixtures import require_vllm, run_worker, write_jsonl
 
 EVAL_ROWS = [
@@ -78,7 +76,7 @@ def eval_task(tmp: Path, *, model: str = "/models/base", adapter: str | None = N
     return StageTask.model_validate({
         "run": {"name": "t"}, "round": round_, "stage": "evaluate", "output": str(tmp / "evaluate"),
         "model": {"base": model, **({"adapter": adapter} if adapter else {})},
-        "inputs": inputs, "task": task or {}, "engine": engine or {},
+        "inputs": inputs, "prompting": task or {}, "engine": engine or {},
         "evaluation": {"maxTokens": max_tokens, **({"limit": limit} if limit else {})},
     })
 

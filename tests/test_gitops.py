@@ -7,13 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
-
 from selfimprove_operator.api import SelfImproveRunSpec
 from selfimprove_operator.cli import main as cli
 from selfimprove_operator.planner import Observed, RunIdentity, StartStage, plan
@@ -104,7 +103,7 @@ def test_health_on_what_the_planner_writes(health):
     spec_body["retry"] = {"limit": 1, "backoffSeconds": 5}
     spec = SelfImproveRunSpec.model_validate(spec_body)
     run = RunIdentity(name="qwen-gsm8k-lmsi", namespace="ml", uid="0123456789abcdef", generation=1)
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     status, observed, seen = None, {}, []
 
     def step(spec=spec, run=run):

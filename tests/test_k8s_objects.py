@@ -18,14 +18,13 @@ import asyncio
 import copy
 import functools
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import k8s_schemas
 import pytest
 import yaml
-
-import k8s_schemas
 from selfimprove_operator.api import MAX_RUN_NAME, SelfImproveRunSpec
 from selfimprove_operator.k8s.config import OperatorConfig
 from selfimprove_operator.k8s.controller import Controller
@@ -38,7 +37,7 @@ from selfimprove_workers.contract import StageResult
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = k8s_schemas.supported_versions()
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 UID = "5f1c2a9e-8d3b-4c1e-9a7f-0123456789ab"
 
 
@@ -207,7 +206,7 @@ def run_object(name: str = "demo") -> dict[str, Any]:
             "metadata": {"name": name, "namespace": "team-a", "uid": UID, "generation": 1, "resourceVersion": "7"}}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jobs_of(case: str, run_name: str = "demo", rounds: int = 1) -> tuple[tuple[str, dict], ...]:
     """(label, Job) of every stage attempt a full run of every strategy starts under `case`:
     round 0's evaluate, a retry of it (attempt 2), and every stage of rounds 1..`rounds`."""
@@ -336,7 +335,7 @@ LONG = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def event_bodies() -> tuple[tuple[str, dict], ...]:
     seen = planner_events()
     reasons = {(e.type, e.reason) for e in seen}
@@ -412,7 +411,7 @@ else:
     CHART_SKIP = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rendered(scenario: str) -> tuple[dict, ...]:
     import helm_python as helm
 
@@ -445,7 +444,7 @@ def test_chart_objects_are_valid(version, scenario):
 CRD_FILES = sorted([*ROOT.glob("crds/*.yaml"), *ROOT.glob("charts/selfimprove/crds/*.yaml")])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_docs() -> tuple[tuple[str, dict], ...]:
     out = []
     for path in CRD_FILES:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from selfimprove_operator.local import LocalExecutor, StatusStore, local_run
 from selfimprove_operator.manifest import load_runs
 
@@ -123,7 +122,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(manifest, tmp_path):
     assert status["rounds"][1]["stages"][2]["state"] == "Pending"
     proc = cli(["run", str(manifest), "--storage", str(storage), "--stage-command", FAKE], env={"FAKE_STAGE_LEDGER": str(ledger)})
     assert proc.returncode == 0
-    assert [l.rsplit(":", 1)[0] for l in ledger_lines(ledger)].count("1:filter") == 1
+    assert [line_.rsplit(":", 1)[0] for line_ in ledger_lines(ledger)].count("1:filter") == 1
 
 
 def test_permanent_failure_ends_run_and_keeps_artifacts(manifest, tmp_path):

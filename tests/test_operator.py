@@ -14,9 +14,18 @@ import os
 from pathlib import Path
 
 import pytest
-
 from k8s_fixtures import (
-    EVENTS, JOBS, PODS, RUNS, Fail, Hold, Pending, Preempt, Succeed, need_kmock, run_manifest,
+    EVENTS,
+    JOBS,
+    PODS,
+    RUNS,
+    Fail,
+    Hold,
+    Pending,
+    Preempt,
+    Succeed,
+    need_kmock,
+    run_manifest,
 )
 
 try:

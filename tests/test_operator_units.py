@@ -7,13 +7,12 @@ import asyncio
 import copy
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import jsonpatch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from selfimprove_operator.api import MAX_RUN_NAME, SelfImproveRunSpec
 from selfimprove_operator.planner import RunIdentity, StartStage, build_task, job_name, plan
 from selfimprove_operator.presets import resolve
@@ -36,7 +35,7 @@ from selfimprove_operator.k8s.reconciler import Result
 from selfimprove_operator.k8s.status import status_patch
 from selfimprove_operator.k8s.workqueue import WorkQueue
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 UID = "0123456789abcdef-uid"
 RUN = {"apiVersion": "selfimprove.dev/v1alpha1", "kind": "SelfImproveRun",
        "metadata": {"name": "demo", "namespace": "ns", "uid": UID, "generation": 1, "resourceVersion": "7"}}

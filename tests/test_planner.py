@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import copy
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from selfimprove_operator.api import SelfImproveRunSpec
 from selfimprove_operator.planner import (
-    Event, Observed, RunIdentity, StartStage, SuspendStage, condition, job_name, plan,
+    Event,
+    Observed,
+    RunIdentity,
+    StartStage,
+    SuspendStage,
+    condition,
+    job_name,
+    plan,
 )
 from selfimprove_workers.contract import StageResult
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 RUN = RunIdentity(name="demo", namespace="ns", uid="0123456789abcdef", generation=1)
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 from pydantic import ValidationError
-
 from selfimprove_workers.prompts import cot_completion, render_prompt, render_target, training_row
 from selfimprove_workers.spec import FewShotExample, TaskSpec
 

@@ -13,7 +13,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import Field, ValidationError
-
 from selfimprove_operator.api import STAGE_PHASE, SelfImproveRunSpec
 from selfimprove_operator.crd import build_crd
 from selfimprove_operator.strategies import STRATEGIES, spec_rules

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from model_fixtures import require_vllm, run_worker, write_jsonl
 from selfimprove_workers.prompts import training_row
 
@@ -123,7 +122,7 @@ def test_stages_end_to_end_with_vllm(tiny_model_dir: Path, tiny_adapter_dir: Pat
     # sample: few-shot CoT, the previous round's adapter served through LoRA
     out = tmp_path / "sample"
     sample_task = task("sample", out, tiny_model_dir, "vllm", model={"adapter": str(tiny_adapter_dir)},
-                       inputs={"questions": data["questions"]}, task={"fewShot": FEW_SHOT},
+                       inputs={"questions": data["questions"]}, prompting={"fewShot": FEW_SHOT},
                        sampling={"paths": 4, "temperature": 1.0, "maxTokens": 24, "seed": 3})
     summary = check_ok(*run_worker(sample_task, tmp_path))
     check_sample(out, summary, paths=4)
@@ -232,7 +231,7 @@ def test_bad_input_lines_exit_2_naming_file_and_line(tiny_model_dir: Path, data:
 
     few_shot = _bad(tmp_path, "fewshot.jsonl", [json.dumps(FEW_SHOT[0]), json.dumps({"question": "no answer"})])
     check_bad_input(*run_worker(task("sample", tmp_path / "s2", tiny_model_dir, "vllm",
-                                     inputs={"questions": data["questions"]}, task={"fewShotFile": few_shot},
+                                     inputs={"questions": data["questions"]}, prompting={"fewShotFile": few_shot},
                                      sampling={"paths": 2, "temperature": 0.7}), tmp_path),
                     f"{few_shot}:2")
     # The distribution-shift filter without its labeled set names the missing input.

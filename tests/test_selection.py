@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Sequence
 
 import numpy as np
 import pytest
-
 from selfimprove_workers.contract import StageTask
 from selfimprove_workers.selection import (
     ds_keep,
@@ -18,7 +17,8 @@ from selfimprove_workers.selection import (
     top_fraction,
 )
 from selfimprove_workers.spec import ConsistencyFilter, DistributionShiftFilter, EntropyFilter
-from selfimprove_workers.stages import augment, filter as filter_stage
+from selfimprove_workers.stages import augment
+from selfimprove_workers.stages import filter as filter_stage
 from selfimprove_workers.voting import normalized_entropy, vote
 
 

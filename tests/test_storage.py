@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st_h
-
 from selfimprove_workers import storage as st
 from selfimprove_workers.errors import (
     BadInput,
@@ -648,9 +647,8 @@ def test_session_token_never_in_our_logs_or_errors(
 def test_access_denied_and_bad_signature(
     s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from s3_fixtures import moto_auth_enforced
-
     import boto3
+    from s3_fixtures import moto_auth_enforced
 
     iam = boto3.client("iam", endpoint_url=s3_server.endpoint, region_name="us-east-1")
     iam.create_user(UserName="no-permissions")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from selfimprove_workers.errors import BadInput
 from selfimprove_workers.prompts import TrainingRow, render_prompt, render_target
 from selfimprove_workers.runtime import EXIT_BAD_INPUT, run_task
@@ -25,12 +24,10 @@ from selfimprove_workers.training.data import (
     plan_epoch,
     resolve_formats,
 )
-
-from train_fixtures import (  # noqa: F401 — fixture
+from train_fixtures import (
     addition_rows,
     require_vllm,
     run_worker,
-    train_model_dir,
     train_task,
     write_jsonl,
 )
@@ -132,7 +129,6 @@ def test_epoch_plan_is_a_pure_function_of_seed_and_epoch():
 # --------------------------------------------------------------------------- the loss
 def test_answer_loss_equals_the_models_own_loss(train_model_dir, tokenizer, few_shot_task):
     import torch
-
     from selfimprove_workers.training.loop import AnswerLoss, build_model
 
     model = build_model(str(train_model_dir), LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed=0)
@@ -313,11 +309,10 @@ def test_the_trained_adapter_generates_the_same_in_vllm_peft_and_merged(train_mo
     require_vllm()
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from selfimprove_workers.engines import load_engine, open_model
     from selfimprove_workers.engines.base import GenerationParams, encode_prompt
     from selfimprove_workers.spec import EngineSpec
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pairs = [(1, 2), (3, 4), (5, 6), (2, 7)]
     data = write_jsonl(tmp_path / "kept.jsonl", addition_rows(pairs))

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
-
 from model_fixtures import require_vllm, run_worker, write_jsonl  # noqa: F401 — re-exported
 from selfimprove_workers.contract import StageTask
-
 
 # The final RMSNorm's weight of the trainable fixture model. At random initialization (std 0.02,
 # hidden 128) the logits of the tiny Llama are capped near ±2.6 whatever the hidden state, so no
@@ -24,9 +23,8 @@ LOGIT_SCALE = 4.0
 def train_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Llama (char-level tokenizer) whose logits LoRA can make confident."""
     import torch
-    from transformers import AutoModelForCausalLM
-
     from selfimprove_workers.demo.tinymodel import build_tiny_llama
+    from transformers import AutoModelForCausalLM
 
     path = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-trainable"))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

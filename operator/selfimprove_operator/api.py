@@ -9,13 +9,9 @@ imported here, so what a user writes is exactly what a stage validates.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import Field, model_validator
-
-from .strategies import spec_rules, strategy_names
-
-from selfimprove_workers.stage_registry import STAGES, phases, stage_names
 from selfimprove_workers.spec import (
     AugmentSpec,
     EngineSpec,
@@ -23,16 +19,20 @@ from selfimprove_workers.spec import (
     FilterSpec,
     Probability,
     SamplingSpec,
-    Uri,
     TaskSpec,
     TrainingSpec,
+    Uri,
     WireModel,
 )
+from selfimprove_workers.stage_registry import STAGES, phases, stage_names
+
+from .strategies import spec_rules, strategy_names
 
 GROUP = "selfimprove.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "SelfImproveRun"
+API_VERSION: Final = "selfimprove.dev/v1alpha1"  # f"{GROUP}/{VERSION}", spelt out for the type checker
+KIND: Final = "SelfImproveRun"
+assert API_VERSION == f"{GROUP}/{VERSION}"
 PLURAL = "selfimproveruns"
 SHORT_NAME = "sir"
 
@@ -43,10 +43,15 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 # Strategies, stages and their phases are the registries' (strategies/, stage_registry.py):
 # these Literals are built from them, so the CRD's enums follow a registration.
-Strategy = Literal[strategy_names()]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # the type checker sees names; pydantic (and the CRD) see the Literals
+    Strategy = str
+    Phase = str
+    StageNameLiteral = str
+else:
+    Strategy = Literal[strategy_names()]
+    Phase = Literal[("Pending", *phases(), "Succeeded", "Failed", "Suspended")]
+    StageNameLiteral = Literal[stage_names()]
 STAGE_PHASE: dict[str, str] = {name: kind.phase for name, kind in STAGES.items()}
-Phase = Literal[("Pending", *phases(), "Succeeded", "Failed", "Suspended")]  # type: ignore[valid-type]
-StageNameLiteral = Literal[stage_names()]  # type: ignore[valid-type]
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded", "Failed", "Suspended")
 
 

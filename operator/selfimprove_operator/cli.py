@@ -7,6 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from .live import console as _console
+from .live import run_with_view
+
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .manifest import ManifestInvalid, load_runs
@@ -48,14 +51,6 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _console():
-    """A rich console; when output is not a terminal (a pipe, a CI log) tables are not wrapped
-    at 80 columns."""
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=140)
-
-
 def _load_one(file: str):
     from .manifest import ManifestInvalid, load_runs
 
@@ -69,51 +64,6 @@ def _load_one(file: str):
         print(f"{file}: holds {len(runs)} runs; `selfimprove run` takes a file with one", file=sys.stderr)
         return None
     return runs[0]
-
-
-def run_with_view(run, storage: str | None, workdir: str | None = None, stage_command: list[str] | None = None):
-    """Run `run` locally with the live view; returns (final status, interrupted)."""
-    import signal
-    import threading
-
-    from rich.live import Live
-
-    from .local import LocalExecutor, local_run
-    from .view import live_view, summary
-
-    run = local_run(run, storage)
-    console = _console()
-    events: list[str] = []
-    stop = threading.Event()
-    live = Live(console=console, refresh_per_second=4, transient=False, auto_refresh=console.is_terminal)
-
-    def progress_of(ex) -> dict[str, str]:
-        return {key[1]: sp.progress for key, sp in list(ex.running.items()) if sp.progress}
-
-    def on_update(ex) -> None:
-        if console.is_terminal:
-            live.update(live_view(run.metadata.name, ex.status, progress_of(ex), events))
-
-    def on_event(ev) -> None:
-        from selfimprove_workers.redaction import redact
-
-        line = redact(f"{ev.reason}: {ev.message}")
-        events.append(line)
-        if not console.is_terminal:
-            console.print(line, style="red" if ev.type == "Warning" else None, highlight=False)
-
-    # Ctrl-C: stop the stage cleanly; the next `selfimprove run` resumes.
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    executor = LocalExecutor(run, workdir=Path(workdir) if workdir else None, on_update=on_update,
-                             on_event=on_event, stage_command=stage_command)
-    console.print(f"artifacts: {executor.store.uri.rsplit('/', 1)[0]}/   stage logs: {executor.workdir}/", highlight=False)
-    with live if console.is_terminal else _nullcontext():
-        status = executor.run_to_end(stop)
-    console.print(summary(status))
-    if stop.is_set():
-        console.print("interrupted: run the same command again to resume", style="yellow")
-    return status, stop.is_set()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -131,14 +81,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args.seed, storage=args.storage, cache=Path(args.cache), manifest=Path(args.manifest))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

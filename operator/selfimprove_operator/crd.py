@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
+from pydantic import BaseModel
 from selfimprove_workers.filter_registry import filter_kinds
 
-from .api import GROUP, KIND, PLURAL, SHORT_NAME, VERSION, MAX_RUN_NAME, SelfImproveRun
+from .api import GROUP, KIND, MAX_RUN_NAME, PLURAL, SHORT_NAME, VERSION, SelfImproveRun
 from .strategies import spec_rules
 
 CRD_PATH = Path("crds") / f"{GROUP}_{PLURAL}.yaml"
@@ -94,7 +94,7 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _schema_of(model: type) -> dict[str, Any]:
+def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     return _structural(_resolve(raw, defs))

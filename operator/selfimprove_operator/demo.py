@@ -41,6 +41,7 @@ def prepare(seed: int, cache: Path) -> dict:
     )
     result = None
     try:
+        assert proc.stdout is not None
         for line in proc.stdout:  # warm-start progress as it comes; the last line is the result
             if line.startswith("{"):
                 result = json.loads(line)
@@ -55,7 +56,7 @@ def prepare(seed: int, cache: Path) -> dict:
 
 
 def run_demo(seed: int, *, storage: str, cache: Path, manifest: Path) -> int:
-    from .cli import run_with_view
+    from .live import run_with_view
 
     t0 = time.monotonic()
     try:

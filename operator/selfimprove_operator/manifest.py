@@ -12,7 +12,6 @@ from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
-
 from selfimprove_workers.validation import dotted, field_errors
 
 from .api import SelfImproveRun

@@ -14,17 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from selfimprove_workers.constants import EXIT_BAD_INPUT, PERMANENT_REASONS, rfc3339
 from selfimprove_workers.contract import (
+    ModelRef,
     RunRef,
     StageName,
     StageResult,
     StageTask,
     StorageRef,
-    ModelRef,
 )
 from selfimprove_workers.stage_registry import stage as stage_kind
 
@@ -192,11 +192,11 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         output=stage_prefix(prefix, round_no, stage),
         storage=StorageRef(endpoint=spec.storage.endpoint, region=spec.storage.region),
         model=ModelRef(base=spec.model.base, adapter=adapter, teacher=spec.model.teacher,
-                       judge=next((j.model for f in spec.filters or [] if (j := f.get("judge")) and j.model), None)),
+                       judge=next((m for f in spec.filters or [] if (m := getattr(f.get("judge"), "model", None))), None)),
         engine=spec.engine,
         gpus=spec.resources.gpus or 0,
         inputs=inputs,
-        task=spec.task,
+        prompting=spec.task,
         **sections,
     )
 
@@ -280,7 +280,8 @@ def plan(
         msg = "spec.strategy, spec.model and spec.data cannot change after creation; revert them or create a new run"
         set_condition(status, "Degraded", True, "ImmutableFieldChanged", msg, now, gen)
         set_condition(status, "Ready", False, "ImmutableFieldChanged", msg, now, gen)
-        if condition(status, "Degraded").last_transition_time == rfc3339(now):
+        degraded = condition(status, "Degraded")
+        if degraded is not None and degraded.last_transition_time == rfc3339(now):
             p.actions.append(Event("Warning", "ImmutableFieldChanged", msg))
         status.observed_generation = gen
         return p

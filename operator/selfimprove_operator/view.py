@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -73,14 +75,14 @@ def live_view(name: str, status: SelfImproveRunStatus | None, progress: dict[str
     header.append(status.phase, style=PHASE_STYLE.get(status.phase, "cyan"))
     if status.best_accuracy is not None:
         header.append(f"   best {status.best_accuracy:.1%} (round {status.best_round})")
-    parts = [header, stages_line(status, progress), rounds_table(status)]
+    parts: list[Any] = [header, stages_line(status, progress), rounds_table(status)]
     if events:
         parts.append(Text("\n".join(events[-5:]), style="dim"))
     return Group(*parts)
 
 
 def summary(status: SelfImproveRunStatus) -> Group:
-    parts = [rounds_table(status, title=f"phase {status.phase}")]
+    parts: list[Any] = [rounds_table(status, title=f"phase {status.phase}")]
     if status.message:
         parts.append(Text(status.message, style=PHASE_STYLE.get(status.phase, "")))
     if status.best_adapter:

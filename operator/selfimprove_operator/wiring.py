@@ -9,8 +9,9 @@ here; `test_every_stage_has_wiring` fails until both exist.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from selfimprove_workers.constants import OutputName
 from selfimprove_workers.contract import StageInputs

@@ -4,9 +4,10 @@ has exactly one definition here (stdlib only; the operator image imports this wi
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Final
 
-API_VERSION = "selfimprove.dev/v1alpha1"
+API_VERSION: Final = "selfimprove.dev/v1alpha1"
 
 # ---------------------------------------------------------------------------- exit codes
 # A stage process exits 0 on success, 2 when its input is wrong (permanent: no retry can fix it;
@@ -68,8 +69,8 @@ LORA_ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj
 # ---------------------------------------------------------------------------- time
 def rfc3339(t: datetime) -> str:
     """`2026-01-01T00:00:00Z`: UTC, whole seconds, as Kubernetes writes timestamps."""
-    return t.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return t.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def now_rfc3339() -> str:
-    return rfc3339(datetime.now(timezone.utc))
+    return rfc3339(datetime.now(UTC))

@@ -92,7 +92,8 @@ class StageTask(WireModel):
     engine: EngineSpec = Field(default_factory=EngineSpec, description="Inference engine settings.")
     gpus: int = Field(0, ge=0, description="Accelerators of the Job (tensor / data parallel size).")
     inputs: StageInputs = Field(default_factory=StageInputs, description="Input URIs.")
-    task: TaskSpec = Field(default_factory=TaskSpec, description="Prompts and answer extraction.")
+    # `prompting`, not `task`: call sites read `ctx.task.prompting.answer`.
+    prompting: TaskSpec = Field(default_factory=TaskSpec, description="Prompts and answer extraction (the run's spec.task).")
     sampling: SamplingSpec | None = Field(None, description="sample: how to sample.")
     filters: list[FilterSpec] = Field(default_factory=list, description="filter: filters in order.")
     training: TrainingSpec | None = Field(None, description="train: how to train.")

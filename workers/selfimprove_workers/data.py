@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import DataError
-from .storage import Storage, json_type_name, display_name, read_jsonl
+from .storage import Storage, display_name, json_type_name, read_jsonl
 
 __all__ = ["Example", "split_final_answer", "example_id", "parse_example", "load_examples"]
 

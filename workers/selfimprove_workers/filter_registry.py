@@ -21,9 +21,10 @@ the models and the CRD then both refuse a run that lists the filter without it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .rules import AnyItemHas, Has, Rule
 

@@ -14,8 +14,9 @@ template, the same text becomes the user turn and the answer the assistant turn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .spec import FewShotExample, PromptFormat, TaskSpec
 

@@ -19,32 +19,28 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import ValidationError
 
 from . import log
+from .constants import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, MARKER_NAME
 from .contract import RESULT_FILE, StageName, StageResult, StageTask, full_result, now_rfc3339
 from .errors import BadInput, CorruptObjectError, StorageError
 from .redaction import redact
+from .stage_registry import STAGES
 from .validation import describe
 
-EXIT_OK, EXIT_TRANSIENT, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 MODEL_CACHE_ENV = "SELFIMPROVE_CACHE"
 
 logger = logging.getLogger("selfimprove.stage")
 
-# Imported lazily: a stage's module pulls in torch / vllm.
-STAGE_MODULES: dict[StageName, str] = {
-    StageName.sample: "selfimprove_workers.stages.sample",
-    StageName.filter: "selfimprove_workers.stages.filter",
-    StageName.augment: "selfimprove_workers.stages.augment",
-    StageName.train: "selfimprove_workers.stages.train",
-    StageName.evaluate: "selfimprove_workers.stages.evaluate",
-}
+# Imported lazily: a stage's module pulls in torch / vllm. Derived from the stage registry.
+STAGE_MODULES: dict[StageName, str] = {StageName(name): kind.module for name, kind in STAGES.items()}
 
 
 @dataclass
@@ -152,7 +148,7 @@ def _already_done(ctx: StageContext) -> StageResult | None:
     except CorruptObjectError as exc:
         # Finished once, damaged since: run it again rather than hand out bad data.
         ctx.log.warning(f"committed output is corrupt ({exc}); running the stage again")
-        ctx.storage.delete(ctx.task.uri("_SUCCESS"))
+        ctx.storage.delete(ctx.task.uri(MARKER_NAME))
         return None
     summary = StageResult.model_validate(body["summary"])
     return summary.model_copy(update={"skipped": True})

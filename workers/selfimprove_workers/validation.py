@@ -6,7 +6,8 @@ field reads the same wherever it is caught.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -35,7 +36,7 @@ _BOUNDS = {
 }
 
 
-def message_of(err: dict[str, Any]) -> str:
+def message_of(err: Any) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind in _SIMPLE:
         return _SIMPLE[kind]

@@ -137,7 +137,7 @@ def write_splits(out_dir: str | Path, seed: int, n_warm: int, n_unlabeled: int, 
                         ("dev", n_dev)):
         if name == "dev" and not count:
             continue
-        rows = []
+        rows: list[dict[str, Any]] = []
         while len(rows) < count:
             p = make_problem(rng, config)
             if p["question"] in seen:

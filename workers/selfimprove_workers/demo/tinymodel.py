@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -95,7 +95,7 @@ def build_tiny_llama(
     if head_dim % 16 or head_dim < 32:
         raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs 32, 64, ... (multiple of 16)")
     tok = tokenizer if tokenizer is not None else build_tokenizer(vocab)
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # transformers' stubs list only some kwargs
         vocab_size=len(tok),
         hidden_size=hidden,
         intermediate_size=intermediate or 4 * hidden,

@@ -19,8 +19,9 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .arithmetic import format_prompt, parse_answer, read_jsonl
 
@@ -190,7 +191,8 @@ def warm_start(
     if max_len > model.config.max_position_embeddings:
         raise ValueError(f"an example has {max_len} tokens > max_position_embeddings")
 
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},

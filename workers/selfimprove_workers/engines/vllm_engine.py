@@ -26,8 +26,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import BadInput
 from ..spec import EngineSpec
@@ -230,7 +231,8 @@ class VllmEngine:
                                         use_tqdm=False)
             for (seq, plen), r in zip(chunk, results):
                 lps = r.prompt_logprobs
-                total = sum(lps[t][seq[t]].logprob for t in range(plen, len(seq)))
+                assert lps is not None  # asked for with prompt_logprobs
+                total = sum(lps[t][seq[t]].logprob for t in range(plen, len(seq)))  # type: ignore[index,misc]
                 losses.append(-total / (len(seq) - plen))
         return losses
 
@@ -258,7 +260,7 @@ class VllmEngine:
     def close(self) -> None:
         import gc
 
-        llm, self.llm, self._hf = getattr(self, "llm", None), None, None
+        llm, self.llm, self._hf = getattr(self, "llm", None), None, None  # type: ignore[assignment]
         if llm is not None:
             try:
                 llm.llm_engine.engine_core.shutdown()

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from ..answers import normalize_number
 from ..chat import Message, render_messages
@@ -341,7 +342,7 @@ def run(ctx: StageContext) -> StageOutcome:
                              enable_lora=False)
         try:
             def teacher(requests: list[list[Message]], attempt: int) -> list[tuple[str, str | None]]:
-                prompts = [render_messages(engine.tokenizer, r, use_template=task.task.chat_template)
+                prompts = [render_messages(engine.tokenizer, r, use_template=task.prompting.chat_template)
                            for r in requests]
                 params = GenerationParams(n=1, temperature=spec.temperature, max_tokens=spec.max_tokens,
                                           seed=task.round * 1000 + attempt)

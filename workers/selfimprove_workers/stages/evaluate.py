@@ -18,7 +18,8 @@ total (and seedAccuracy, seedCorrect, seedTotal).
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..answers import answers_equal, extract_answer
 from ..contract import OutputName
@@ -43,7 +44,7 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
     task = ctx.task
     spec = task.evaluation
     assert spec is not None and task.inputs.evaluation
-    answer = task.task.answer
+    answer = task.prompting.answer
 
     eval_uri = task.inputs.evaluation
     eval_set = _labeled(ctx, eval_uri, spec.limit, "inputs.evaluation")
@@ -52,7 +53,7 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
     seed_set = _labeled(ctx, seed_uri, None, "inputs.seed") if seed_uri else []
     seed_gold = gold_answers(ctx, seed_uri, seed_set, answer) if seed_uri else []
 
-    exemplars = load_exemplars(ctx.storage_for, task.task)
+    exemplars = load_exemplars(ctx.storage_for, task.prompting)
     fmt = resolve_format(spec.format, bool(exemplars))
     if fmt != spec.format:
         ctx.log.info(f"no few-shot exemplars: evaluating in {fmt} instead of {spec.format}")
@@ -67,7 +68,7 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
                                             gpus=task.gpus, seed=0, workdir=ctx.workdir)
     try:
         questions = [ex.question for ex in eval_set] + [ex.question for ex in seed_set]
-        prompts = [render_prompt(task.task, q, fmt, engine.tokenizer, exemplars) for q in questions]
+        prompts = [render_prompt(task.prompting, q, fmt, engine.tokenizer, exemplars) for q in questions]
         params = GenerationParams(n=1, temperature=0.0, max_tokens=spec.max_tokens, stop=STOP_SEQUENCES)
         ctx.log.info(f"generating {len(prompts)} greedy answers ({fmt}, "
                      f"{'adapter ' + adapter if adapter else 'base model'})")

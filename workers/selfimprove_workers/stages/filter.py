@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..answers import extract_answer
 from ..chat import render_messages
@@ -44,11 +45,12 @@ from ..prompts import cot_completion, render_prompt, render_target, uses_chat_te
 from ..runtime import StageContext, StageOutcome
 from ..selection import ds_keep, ds_value, importance_weight, k_center_greedy, parse_score, top_fraction
 from ..spec import (
+    ConsistencyFilter,
     DistributionShiftFilter,
     DiversityFilter,
     EntropyFilter,
-    ConsistencyFilter,
     JudgeFilter,
+    PromptFormat,
     SelfFilter,
 )
 from ..storage import display_name, json_type_name, read_jsonl
@@ -56,7 +58,7 @@ from ..storage import display_name, json_type_name, read_jsonl
 KEPT = OutputName.KEPT
 # The format IWSI's losses are computed in: the zero-shot CoT training format, i.e. exactly the
 # (prompt, target) pair the train stage optimizes, with no exemplars in the context.
-DS_FORMAT = "zeroShotCot"
+DS_FORMAT: PromptFormat = "zeroShotCot"
 
 
 # --------------------------------------------------------------------------- candidates
@@ -188,7 +190,7 @@ def entropy(fr: FilterRun, cands: list[Candidate], spec: EntropyFilter) -> tuple
 
 def _sft_pairs(fr: FilterRun, engine: Engine, items: Sequence[tuple[str, str, str]]) -> tuple[list[str], list[str]]:
     """(prompt, target) in the zero-shot CoT training format, rendered as the train stage does."""
-    task = fr.ctx.task.task
+    task = fr.ctx.task.prompting
     chat = uses_chat_template(task, engine.tokenizer)
     prompts = [render_prompt(task, q, DS_FORMAT, engine.tokenizer) for q, _, _ in items]
     return prompts, [render_target(DS_FORMAT, cot, answer, chat, task.answer_template) for _, cot, answer in items]
@@ -256,7 +258,7 @@ def judge(fr: FilterRun, cands: list[Candidate], spec: JudgeFilter) -> tuple[lis
     if not cands:
         return [], {"minScore": spec.min_score, "model": model}
     engine = fr.pool.get(model)
-    use_template = fr.ctx.task.task.chat_template
+    use_template = fr.ctx.task.prompting.chat_template
     prompts = [render_messages(engine.tokenizer, judge_messages(c.question, c.text), use_template=use_template)
                for c in cands]
     scores, unparsed = _rate(fr, engine, prompts, spec.max_tokens, JUDGE_MAX)
@@ -287,7 +289,7 @@ def self_rating(fr: FilterRun, cands: list[Candidate], spec: SelfFilter) -> tupl
     engine = fr.pool.get(task.model.base)
     adapter = str(fr.ctx.local_dir(task.model.adapter)) if task.model.adapter else None
     prompts = [render_messages(engine.tokenizer, self_messages(c.question, c.text),
-                               use_template=task.task.chat_template, reply_prefix="Score:") for c in cands]
+                               use_template=task.prompting.chat_template, reply_prefix="Score:") for c in cands]
     scores, unparsed = _rate(fr, engine, prompts, spec.max_tokens, SELF_MAX, adapter=adapter)
     for c, s in zip(cands, scores):
         c.scores["selfScore"] = s
@@ -325,7 +327,7 @@ def load_validation(ctx: StageContext, answer_spec: Any) -> list[tuple[str, str,
         assert ex.final is not None
         # The final answer as the extractor would read it, so targets read like sampled paths.
         final = extract_answer(ex.final, answer_spec) or ex.final.strip()
-        out.append((ex.question, cot_completion(ex.rationale, final, ctx.task.task.answer_template), final))
+        out.append((ex.question, cot_completion(ex.rationale, final, ctx.task.prompting.answer_template), final))
     return out
 
 
@@ -335,7 +337,7 @@ def run(ctx: StageContext) -> StageOutcome:
     kinds = [f.kind for f in task.filters]
     votes = load_votes(ctx, task.inputs.votes)
     cands, no_majority = load_candidates(ctx, task.inputs.samples, votes)
-    validation = load_validation(ctx, task.task.answer) if "distributionShift" in kinds else []
+    validation = load_validation(ctx, task.prompting.answer) if "distributionShift" in kinds else []
     if "self" in kinds and task.model.adapter:
         ctx.local_dir(task.model.adapter)  # fetch (and fail on a bad URI) before any model loads
     n_candidates = len(cands)

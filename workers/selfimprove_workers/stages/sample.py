@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> StageOutcome:
     questions = load_examples(ctx.storage_for(uri), uri)
     if not questions:
         raise BadInput(f"inputs.questions: {display_name(uri)} holds no questions")
-    exemplars = load_exemplars(ctx.storage_for, task.task)
+    exemplars = load_exemplars(ctx.storage_for, task.prompting)
     fmt = resolve_format("fewShotCot", bool(exemplars))
     adapter = str(ctx.local_dir(task.model.adapter)) if task.model.adapter else None
     seed = spec.seed + task.round
@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> StageOutcome:
     engine, served_adapter = open_model(task.engine, ctx.local_dir(task.model.base), adapter,
                                         gpus=task.gpus, seed=seed, workdir=ctx.workdir)
     try:
-        prompts = [render_prompt(task.task, q.question, fmt, engine.tokenizer, exemplars) for q in questions]
+        prompts = [render_prompt(task.prompting, q.question, fmt, engine.tokenizer, exemplars) for q in questions]
         total = len(prompts) * spec.paths
         ctx.log.info(f"sampling {spec.paths} paths for {len(prompts)} questions ({fmt}, "
                      f"T={spec.temperature}, {'adapter ' + adapter if adapter else 'base model'})")
@@ -73,7 +73,7 @@ def run(ctx: StageContext) -> StageOutcome:
     finally:
         engine.close()
 
-    answer_spec = task.task.answer
+    answer_spec = task.prompting.answer
     sample_rows: list[dict[str, Any]] = []
     vote_rows: list[dict[str, Any]] = []
     generated = 0

@@ -62,14 +62,14 @@ def run(ctx: StageContext) -> StageOutcome:
     spec = task.training
     assert spec is not None
     # Data first: a bad line fails the stage before any model is downloaded or loaded.
-    rows = load_training_rows(ctx.storage_for, task.inputs.train, task.task.answer_template)
-    exemplars = load_exemplars(ctx.storage_for, task.task)
+    rows = load_training_rows(ctx.storage_for, task.inputs.train, task.prompting.answer_template)
+    exemplars = load_exemplars(ctx.storage_for, task.prompting)
     model_dir = ctx.local_dir(task.model.base)
     tokenizer = load_tokenizer(model_dir)
     formats = resolve_formats(spec.formats, bool(exemplars))
     if formats != list(spec.formats):
         ctx.log.info(f"no few-shot exemplars: training formats {spec.formats} → {formats}")
-    examples = encode_examples(rows, formats, task.task, tokenizer, spec.max_length, exemplars)
+    examples = encode_examples(rows, formats, task.prompting, tokenizer, spec.max_length, exemplars)
     stats = examples.stats
     ctx.log.info(
         f"{stats['rows']} rows × {len(formats)} formats → {stats['sequences']} sequences, "
@@ -99,7 +99,7 @@ def run(ctx: StageContext) -> StageOutcome:
     )
     processes = _processes(task.gpus, ctx)
     if processes > 1:
-        outcome = _launch(job, examples, processes, ctx)
+        outcome: dict[str, Any] | None = _launch(job, examples, processes, ctx)
     else:
         from ..training.loop import train
 

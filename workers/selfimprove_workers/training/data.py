@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -114,7 +115,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     starts with the BOS text, as a chat template writes it — a second BOS would train on a prompt
     no engine ever sends."""
     bos = getattr(tokenizer, "bos_token", None)
-    has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+    has_bos = [bool(bos) and p.startswith(str(bos)) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
     for already in (False, True):
         idx = [i for i, b in enumerate(has_bos) if b == already]

@@ -81,7 +81,7 @@ class TrainJob:
 
 
 # --------------------------------------------------------------------------- model
-def _hidden_head_ok(model: nn.Module) -> bool:
+def _hidden_head_ok(model: Any) -> bool:
     """Whether logits are exactly `lm_head(decoder(x))`, so the head can be applied to selected
     positions only. Models that transform their logits (Gemma 2's soft-capping, Cohere's
     logit scale) take the generic path."""
@@ -104,9 +104,9 @@ class AnswerLoss(nn.Module):
     parallelism (DDP needs the forward pass to go through its wrapper).
     """
 
-    def __init__(self, peft_model: nn.Module):
+    def __init__(self, peft_model: Any):
         super().__init__()
-        self.peft = peft_model
+        self.peft: Any = peft_model
         self.fast_head = _hidden_head_ok(peft_model.get_base_model())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -229,7 +229,7 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
             log.warning(f"checkpoint was written by {state.get('worldSize')} processes, this run has "
                         f"{world}: the data order differs, starting over")
             state = {}
-    resume = Path(job.resume_dir) if state else None
+    resume = Path(job.resume_dir) if state and job.resume_dir else None
 
     n = len(examples)
     global_batch = spec.batch_size * world
@@ -280,6 +280,7 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
             f"{steps_per_epoch} steps, batch {spec.batch_size} × {world} processes × {accum} accumulation"
         )
 
+    assert spec.epochs is not None  # the preset fills it
     for epoch in range(start_epoch, spec.epochs):
         batches = plan_epoch(lengths, global_batch, spec.seed, epoch, spec.group_by_length)
         t0 = time.perf_counter()
