@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+from .constants import MARKER_NAME
 from .errors import CorruptObjectError, DataError, NotFoundError, StorageError
 from .redaction import CREDENTIAL_ENV, redact
 
@@ -76,7 +77,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MARKER_NAME = "_SUCCESS"
 MARKER_VERSION = 1
 
 _CHUNK = 1 << 20
