@@ -22,10 +22,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from selfimprove_workers.contract import StageResult
 from selfimprove_workers.log import PROGRESS_KEY
@@ -128,7 +128,7 @@ class LocalExecutor:
 
     # ------------------------------------------------------------------ one planning step
     def step(self) -> Plan:
-        p = plan(self.run.spec, self.status, self.observed, datetime.now(timezone.utc), self.identity)
+        p = plan(self.run.spec, self.status, self.observed, datetime.now(UTC), self.identity)
         # Persist before acting: an attempt is recorded as started before its process exists,
         # so a crash between the two can never start the same attempt twice.
         self.status = p.status
@@ -163,6 +163,7 @@ class LocalExecutor:
 
     def _pump(self, sp: StageProcess) -> None:
         """Copy the stage's JSON log to its file and pick out progress and metrics."""
+        assert sp.proc.stderr is not None  # started with stderr=PIPE (`_start`)
         with open(sp.log_file, "a") as log:
             for line in sp.proc.stderr:
                 try:
@@ -229,10 +230,16 @@ class LocalExecutor:
         return changed
 
     # ------------------------------------------------------------------ the loop
+    def _current(self) -> SelfImproveRunStatus:
+        """The status as of the last `step` (which always sets it)."""
+        if self.status is None:
+            raise RuntimeError("the run has no status before its first step()")
+        return self.status
+
     def run_to_end(self, stop: threading.Event | None = None) -> SelfImproveRunStatus:
         stop = stop or threading.Event()
         p = self.step()
-        while not is_terminal(self.status) and self.status.phase != "Suspended":
+        while not is_terminal(self._current()) and self._current().phase != "Suspended":
             deadline = time.monotonic() + (p.requeue_after if p.requeue_after else 3600)
             while not stop.is_set() and time.monotonic() < deadline:
                 if self._collect():
@@ -244,7 +251,7 @@ class LocalExecutor:
                 self.interrupt()
                 break
             p = self.step()
-        return self.status
+        return self._current()
 
     def interrupt(self) -> None:
         """Stop running stages and record them as interrupted, not failed (Ctrl-C)."""
@@ -254,8 +261,9 @@ class LocalExecutor:
             for rnd, s in running_stages(self.status):
                 if (rnd, s.name) == key and s.attempts == sp.start.attempt:
                     s.state, s.message = "Pending", "interrupted; run the same command to resume"
-        self.status.message = "interrupted; run the same command to resume"
-        self.store.save(self.status)
+        status = self._current()
+        status.message = "interrupted; run the same command to resume"
+        self.store.save(status)
 
 
 def _tail(path: Path, lines: int = 5) -> str | None:

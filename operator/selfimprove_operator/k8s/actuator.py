@@ -10,9 +10,11 @@ while artifacts in storage stay.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 from ..api import SelfImproveRunSpec, SelfImproveRunStatus
 from ..planner import Observed, RunIdentity, StartStage
+from .bodies import JobBody
 from .cache import RunKey, RunState
 from .config import OperatorConfig
 from .desired import jobs_to_create, jobs_to_delete
@@ -37,20 +39,30 @@ class JobActuator:
         self.config = config
         self.metrics = metrics
 
+    @property
+    def _kube(self) -> Kube:
+        # Set by the controller at start-up (`Controller.start`), before any reconcile acts.
+        if self.kube is None:
+            raise RuntimeError("JobActuator used before the controller set its Kubernetes client")
+        return self.kube
+
     async def ensure(self, key: RunKey, state: RunState, spec: SelfImproveRunSpec, status: SelfImproveRunStatus,
                      identity: RunIdentity, starts: dict[str, StartStage]) -> bool:
         """Create the Job of every Running attempt that has none. True when the run needs another
         pass right away: the API rejected a Job as invalid, and the next plan records the failure."""
         namespace = key[0]
         requeue = False
+        # The reconcile acts only on a run whose body is cached, and the cache never clears a
+        # body (a deleted run's state is dropped as a whole).
+        assert state.body is not None
         for start, manifest in jobs_to_create(
                 state.body, spec, status, identity, starts, self.config,
                 jobs=state.jobs, deleted=state.tombstones, failed=state.start_failures, resolved=state.resolved):
             # Cached before the request: the watch's ADDED event may beat the response, and
             # then finds the Job already known (no second reconcile for our own create).
-            placeholder = state.jobs[start.job_name] = slim_job(manifest)
+            placeholder = state.jobs[start.job_name] = slim_job(cast(JobBody, manifest))
             try:
-                created = await self.kube.create(job_path(namespace), manifest)
+                created = cast(JobBody, await self._kube.create(job_path(namespace), manifest))
             except ApiError as exc:
                 if state.jobs.get(start.job_name) is placeholder:
                     del state.jobs[start.job_name]
@@ -65,10 +77,11 @@ class JobActuator:
 
     async def _not_created(self, key: RunKey, state: RunState, start: StartStage, exc: ApiError) -> bool:
         """Handle a refused create; True when the refusal is recorded for the next plan."""
+        assert state.body is not None  # as in `ensure`, which calls this
         namespace, uid = key[0], state.body["metadata"].get("uid")
         if exc.status == 409:
             # Created before (by us, before a restart or a lost response): adopt it if it is ours.
-            existing = await self.kube.get(job_path(namespace, start.job_name))
+            existing = cast(JobBody, await self._kube.get(job_path(namespace, start.job_name)))
             if controller_uid(existing) == uid:
                 state.jobs[start.job_name] = slim_job(existing)
                 return False
@@ -86,9 +99,10 @@ class JobActuator:
     async def delete_stale(self, key: RunKey, state: RunState, status: SelfImproveRunStatus, stops: set[str]) -> None:
         """Delete the unfinished Jobs that no longer belong to a Running attempt
         (`desired.jobs_to_delete`)."""
+        assert state.body is not None  # as in `ensure`
         for name, why in jobs_to_delete(state.body["metadata"].get("uid"), state.jobs, status, stops):
             try:
-                await self.kube.delete(job_path(key[0], name), propagation="Background")
+                await self._kube.delete(job_path(key[0], name), propagation="Background")
             except ApiError as exc:
                 if not exc.not_found:
                     raise

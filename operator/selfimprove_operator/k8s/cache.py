@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
 from ..api import SelfImproveRunSpec, SelfImproveRunStatus
 from ..planner import Observed
@@ -80,7 +81,9 @@ def newer(rv: str | None, than: str | None) -> bool:
 
 def run_key(body: RunBody) -> RunKey:
     meta = body.get("metadata") or {}
-    return meta.get("namespace"), meta.get("name")
+    # A run as the API delivers it always has both (SelfImproveRun is namespaced): the cast
+    # only says so; nothing is checked, as before.
+    return cast(RunKey, (meta.get("namespace"), meta.get("name")))
 
 
 class Cache:
@@ -130,9 +133,10 @@ class Cache:
     def job_changed(self, type_: str | None, body: JobBody) -> RunKey | None:
         meta = body.get("metadata") or {}
         run = (meta.get("labels") or {}).get(RUN_LABEL)
-        if not run:
-            return None
-        key, name = (meta.get("namespace"), run), meta.get("name")
+        namespace, name = meta.get("namespace"), meta.get("name")
+        if not run or namespace is None or name is None:
+            return None  # not a run's, or not an object the API could deliver (Jobs and Pods are named, namespaced)
+        key: RunKey = (namespace, run)
         body = slim_job(body)
         state = self._runs.get(key)
         if type_ == "DELETED":
@@ -154,9 +158,10 @@ class Cache:
     def pod_changed(self, type_: str | None, body: PodBody) -> RunKey | None:
         meta = body.get("metadata") or {}
         run = (meta.get("labels") or {}).get(RUN_LABEL)
-        if not run:
-            return None
-        key, name = (meta.get("namespace"), run), meta.get("name")
+        namespace, name = meta.get("namespace"), meta.get("name")
+        if not run or namespace is None or name is None:
+            return None  # not a run's, or not an object the API could deliver (Jobs and Pods are named, namespaced)
+        key: RunKey = (namespace, run)
         body = slim_pod(body)
         state = self._runs.get(key)
         if type_ == "DELETED":

@@ -39,7 +39,7 @@ class Controller:
         self.config = config
         self.clock = clock
         self.cache = Cache(clock)
-        self.queue = WorkQueue()
+        self.queue: WorkQueue[RunKey] = WorkQueue()
         self.metrics = Metrics(self.cache.phases)
         self.recorder = EventRecorder(kube, clock, config.reporting_instance)
         self.status_writer = StatusWriter(kube, clock)

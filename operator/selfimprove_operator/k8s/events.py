@@ -67,7 +67,8 @@ class EventRecorder:
 
     def event(self, run: RunBody | None, type_: str, reason: str, message: str) -> None:
         """Post a core/v1 Event about the run in the background: Events must never delay a Job."""
-        if run is None or self.kube is None:
+        kube = self.kube
+        if run is None or kube is None:
             return
         meta = run["metadata"]
         body = event_body(run, type_, reason, message, self.clock(), self.reporting_instance)
@@ -75,7 +76,7 @@ class EventRecorder:
         async def post() -> None:
             async with self._slots:
                 try:
-                    await self.kube.create(event_path(meta["namespace"]), body)
+                    await kube.create(event_path(meta["namespace"]), body)
                 except Exception as exc:  # noqa: BLE001 - an Event is best effort
                     logger.warning(f"{meta['namespace']}/{meta['name']}: could not post Event {reason}: {exc}")
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from ..api import GROUP, PLURAL, VERSION
+from .bodies import JobBody, PodBody, RunBody
 from .config import OperatorConfig, unknown_settings
 from .controller import Controller
 from .jobs import RUN_LABEL
@@ -114,17 +115,18 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         # kopf calls this again on a 401, which picks up rotated service-account tokens.
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
+    # The watch's raw objects are what the API sent; the casts name which kind each one is.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def run_changed(event: dict[str, Any], **_: Any) -> None:
-        controller.run_event(event.get("type"), event["object"])
+    async def run_changed(event: kopf.RawEvent, **_: Any) -> None:
+        controller.run_event(event.get("type"), cast(RunBody, event["object"]))
 
     @kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT}, registry=registry)
-    async def job_changed(event: dict[str, Any], **_: Any) -> None:
-        controller.job_event(event.get("type"), event["object"])
+    async def job_changed(event: kopf.RawEvent, **_: Any) -> None:
+        controller.job_event(event.get("type"), cast(JobBody, event["object"]))
 
     @kopf.on.event("v1", "pods", labels={RUN_LABEL: kopf.PRESENT}, registry=registry)
-    async def pod_changed(event: dict[str, Any], **_: Any) -> None:
-        controller.pod_event(event.get("type"), event["object"])
+    async def pod_changed(event: kopf.RawEvent, **_: Any) -> None:
+        controller.pod_event(event.get("type"), cast(PodBody, event["object"]))
 
     # The no-op storages in `make_settings` (and "no finalizer") hold only while every resource
     # handler is a watching one: change, daemon and timer handlers need kopf's bookkeeping.

@@ -13,6 +13,7 @@ the run's Secret through `secretKeyRef`; the operator only names the Secret, it 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from ..api import API_VERSION, KIND, SelfImproveRunSpec
@@ -34,7 +35,7 @@ CACHE_ENV = "SELFIMPROVE_CACHE"  # selfimprove_workers.runtime.MODEL_CACHE_ENV
 CREDENTIAL_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
 
 
-def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
+def owner_reference(run: Mapping[str, Any]) -> dict[str, Any]:
     """The run as the Job's controller: deleting the run deletes its Jobs (garbage collector),
     and blockOwnerDeletion keeps a foreground deletion of the run waiting for them."""
     meta = run["metadata"]
@@ -59,7 +60,7 @@ def job_labels(run_name: str, start: StartStage) -> dict[str, str]:
     }
 
 
-def build_job(run: dict[str, Any], spec: SelfImproveRunSpec, start: StartStage, config: OperatorConfig) -> dict[str, Any]:
+def build_job(run: Mapping[str, Any], spec: SelfImproveRunSpec, start: StartStage, config: OperatorConfig) -> dict[str, Any]:
     """The Job manifest of `start` for the run object `run` (its metadata: name, namespace, uid).
     `spec` is the run's spec (not preset-resolved: resources have no presets)."""
     meta = run["metadata"]

@@ -4,8 +4,12 @@ kopf's HTTP stack), so rendering reads the controller's cache without locks and 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 logger = logging.getLogger("selfimprove.operator")
 
@@ -15,7 +19,7 @@ class MetricsServer:
         self.metrics = metrics
         self.host = host
         self.port = port          # the bound port once started (port 0 picks a free one)
-        self._runner = None
+        self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
         """Serve until `stop`; returns the port bound."""

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 from selfimprove_workers.contract import StageResult
 
@@ -90,7 +91,7 @@ def _time(text: str | None) -> datetime | None:
         return None
 
 
-def _true_conditions(obj: JobBody | PodBody) -> dict[str, Condition]:
+def _true_conditions(obj: JobBody | PodBody) -> dict[str | None, Condition]:
     return {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or () if c.get("status") == "True"}
 
 
@@ -177,7 +178,7 @@ def observe_job(
         if (d := disrupted(pod)) is not None:
             name = pod["metadata"].get("name")
             out.notices.append(Notice(
-                key=pod["metadata"].get("uid") or name,
+                key=pod["metadata"].get("uid") or name or "",
                 reason="StageDisrupted",
                 message=f"pod {name} of {job['metadata']['name']} was disrupted ({d.get('reason') or 'DisruptionTarget'}"
                         f"{': ' + d['message'] if d.get('message') else ''}); the Job replaces it without counting a failure",
@@ -205,8 +206,8 @@ def observe_job(
         cond = conds.get("Failed") or conds["FailureTarget"]
         job_reason, job_message = cond.get("reason"), cond.get("message")
         failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed" and disrupted(p) is None]
-        pod = failed[-1] if failed else None
-        term = _terminated(pod) if pod is not None else None
+        failed_pod = failed[-1] if failed else None
+        term = _terminated(failed_pod) if failed_pod is not None else None
         if term is None and job_reason != "DeadlineExceeded":
             # The failed pod's final state (exit code, OOMKilled, the worker's summary) has not
             # reached us yet: it says far more than BackoffLimitExceeded, so wait a little.
@@ -224,7 +225,7 @@ def observe_job(
         elif term is not None:
             reason = None   # the planner takes the summary's reason, else ExitCode<n>
         else:
-            reason = (pod or {}).get("status", {}).get("reason") or job_reason or "Failed"
+            reason = (failed_pod or {}).get("status", {}).get("reason") or job_reason or "Failed"
         if exit_code is None and job_message and (m := re.search(r"exit code (\d+)", job_message)):
             exit_code = int(m.group(1))
         message = (result.message if result and result.message else None) or (log_tail(term.get("message")) if term else None) or job_message
@@ -247,7 +248,7 @@ def observe_job(
         return Observed(attempt=attempt, state="pending")
     reason, message = stuck
     uid = pod["metadata"].get("uid") or pod["metadata"].get("name")
-    since = _time(pod["metadata"].get("creationTimestamp")) or (first_seen or {}).get(uid) or now
+    since = _time(pod["metadata"].get("creationTimestamp")) or (first_seen.get(uid) if first_seen and uid is not None else None) or now
     deadline = since + timedelta(seconds=pending_timeout)
     if now < deadline:
         out.wake(deadline)
@@ -293,22 +294,23 @@ _POD_STATUS_KEPT = ("phase", "reason", "conditions", "containerStatuses", "initC
 def slim_job(job: JobBody) -> JobBody:
     """What observing and cleaning up need of a Job: a cache of full Jobs (each carries its task
     and pod template) would cost the operator memory per stage for nothing."""
-    meta = job.get("metadata") or {}
-    status = job.get("status") or {}
-    return {
+    # Read as plain mappings: the kept keys are picked by name, and the result is a JobBody.
+    meta: Mapping[str, Any] = job.get("metadata") or {}
+    status: Mapping[str, Any] = job.get("status") or {}
+    return cast(JobBody, {
         "metadata": {k: meta[k] for k in _META_KEPT if k in meta},
         "spec": {"suspend": True} if (job.get("spec") or {}).get("suspend") else {},
         "status": {k: status[k] for k in ("conditions", "completionTime") if k in status},
-    }
+    })
 
 
 def slim_pod(pod: PodBody) -> PodBody:
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    return {
+    meta: Mapping[str, Any] = pod.get("metadata") or {}
+    status: Mapping[str, Any] = pod.get("status") or {}
+    return cast(PodBody, {
         "metadata": {k: meta[k] for k in _META_KEPT if k in meta},
         "status": {k: status[k] for k in _POD_STATUS_KEPT if k in status},
-    }
+    })
 
 
 def job_signature(job: JobBody) -> tuple:

@@ -80,11 +80,12 @@ class Reconciler:
         spec_key = (meta.get("uid"), generation, None if generation else repr(body.get("spec")))
         if state.spec_key != spec_key:
             try:
-                spec = self.config.with_run_defaults(SelfImproveRunSpec.model_validate(body.get("spec") or {}))
+                parsed = self.config.with_run_defaults(SelfImproveRunSpec.model_validate(body.get("spec") or {}))
             except ValidationError as exc:
                 return await self._invalid_spec(key, state, exc)
-            state.spec_key, state.spec, state.resolved = spec_key, spec, resolve(spec)
+            state.spec_key, state.spec, state.resolved = spec_key, parsed, resolve(parsed)
         spec = state.spec
+        assert spec is not None  # parsed just above, or by an earlier pass with the same spec_key
         state.invalid_generation = None
         raw_status = body.get("status") or None
         if raw_status and state.status_rv is not None and state.status_rv == rv_of(body):

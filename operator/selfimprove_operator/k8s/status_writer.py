@@ -11,12 +11,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
 from ..api import SelfImproveRunStatus
 from ..planner import set_condition
+from .bodies import RunBody
 from .cache import RunKey, RunState, generation_of, rv_of
 from .kube import ApiError, Kube, run_path
 from .status import status_patch
@@ -32,6 +33,13 @@ class StatusWriter:
     def __init__(self, kube: Kube | None, clock: Callable[[], datetime]):
         self.kube = kube
         self.clock = clock
+
+    @property
+    def _kube(self) -> Kube:
+        # Set by the controller at start-up (`Controller.start`), before any reconcile writes.
+        if self.kube is None:
+            raise RuntimeError("StatusWriter used before the controller set its Kubernetes client")
+        return self.kube
 
     async def write(self, key: RunKey, state: RunState, raw: dict[str, Any] | None, new: SelfImproveRunStatus,
                     parsed: SelfImproveRunStatus | None = None) -> Write:
@@ -52,12 +60,12 @@ class StatusWriter:
             return Write.DONE
         namespace, name = key
         try:
-            patched = await self.kube.json_patch(run_path(namespace, name, "status"), ops)
+            patched = cast(RunBody, await self._kube.json_patch(run_path(namespace, name, "status"), ops))
         except ApiError as exc:
             if exc.not_found:
                 return Write.GONE
             if exc.conflict:
-                fresh = await self.kube.get(run_path(namespace, name))
+                fresh = cast(RunBody, await self._kube.get(run_path(namespace, name)))
                 state.body, state.pinned_rv = fresh, rv_of(fresh)
                 if rv_of(fresh) == tested:
                     # Not a newer version: the API server rejects the status itself (422 from

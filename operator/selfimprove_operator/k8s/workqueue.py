@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
-class WorkQueue:
+class WorkQueue(Generic[K]):
+    """A queue of keys of type `K` (the controller's: `cache.RunKey`, (namespace, name))."""
+
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[Hashable] = asyncio.Queue()
-        self._queued: set[Hashable] = set()
-        self._active: set[Hashable] = set()
-        self._dirty: set[Hashable] = set()
-        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
-        self._failures: dict[Hashable, int] = {}
+        self._queue: asyncio.Queue[K] = asyncio.Queue()
+        self._queued: set[K] = set()
+        self._active: set[K] = set()
+        self._dirty: set[K] = set()
+        self._timers: dict[K, asyncio.TimerHandle] = {}
+        self._failures: dict[K, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: K) -> None:
         if key in self._active:
             self._dirty.add(key)
             return
@@ -34,7 +39,7 @@ class WorkQueue:
         self._idle.clear()
         self._queue.put_nowait(key)
 
-    def add_after(self, key: Hashable, delay: float) -> None:
+    def add_after(self, key: K, delay: float) -> None:
         """Add `key` after `delay` seconds; an earlier pending wake-up of the key is kept."""
         if delay <= 0:
             self.add(key)
@@ -48,17 +53,17 @@ class WorkQueue:
             timer.cancel()
         self._timers[key] = loop.call_at(when, self._fire, key)
 
-    def _fire(self, key: Hashable) -> None:
+    def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
         self.add(key)
 
-    async def get(self) -> Hashable:
+    async def get(self) -> K:
         key = await self._queue.get()
         self._queued.discard(key)
         self._active.add(key)
         return key
 
-    def done(self, key: Hashable) -> None:
+    def done(self, key: K) -> None:
         self._active.discard(key)
         if key in self._dirty:
             self._dirty.discard(key)
@@ -67,7 +72,7 @@ class WorkQueue:
             self._idle.set()
 
     # ---------------------------------------------------------------- failures
-    def failed(self, key: Hashable, base: float, cap: float) -> float:
+    def failed(self, key: K, base: float, cap: float) -> float:
         """Count a failed reconcile of `key` and schedule it again with exponential backoff;
         returns the delay."""
         n = self._failures.get(key, 0) + 1
@@ -76,13 +81,13 @@ class WorkQueue:
         self.add_after(key, delay)
         return delay
 
-    def failures(self, key: Hashable) -> int:
+    def failures(self, key: K) -> int:
         return self._failures.get(key, 0)
 
-    def succeeded(self, key: Hashable) -> None:
+    def succeeded(self, key: K) -> None:
         self._failures.pop(key, None)
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, key: K) -> None:
         """The object is gone: drop its timer and failure count (a queued key is harmless)."""
         timer = self._timers.pop(key, None)
         if timer is not None:
@@ -95,19 +100,19 @@ class WorkQueue:
         self._timers.clear()
 
     # ---------------------------------------------------------------- reading (read-only views)
-    def pending(self) -> frozenset[Hashable]:
+    def pending(self) -> frozenset[K]:
         """Keys waiting for a worker (not those being processed, nor delayed ones)."""
         return frozenset(self._queued)
 
-    def processing(self) -> frozenset[Hashable]:
+    def processing(self) -> frozenset[K]:
         """Keys a worker holds now; `requeued` tells which of them run once more afterwards."""
         return frozenset(self._active)
 
-    def requeued(self, key: Hashable) -> bool:
+    def requeued(self, key: K) -> bool:
         """True when `key` was added while being processed: it is processed again after `done`."""
         return key in self._dirty
 
-    def delay_of(self, key: Hashable) -> float | None:
+    def delay_of(self, key: K) -> float | None:
         """Seconds until the delayed wake-up of `key` (None when there is none)."""
         timer = self._timers.get(key)
         if timer is None or timer.cancelled():
