@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo crd clean
+.PHONY: venv lint test test-fast demo crd clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, vllm, transformers, peft, kopf, kmock, moto, kubernetes_validate, celpy, jsonpath_ng; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 
-test: $(STAMP)
+# ruff and mypy are configured in pyproject.toml; the packages ship py.typed, so their types must check.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

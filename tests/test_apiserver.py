@@ -209,7 +209,7 @@ async def test_a_json_patch_against_the_stored_defaults(k8s):
 def _planner_statuses() -> list[tuple[str, dict[str, Any]]]:
     """Statuses the real planner produces along whole runs: success of each strategy, a failed
     stage after retries, a suspension."""
-    from test_k8s_objects import RunIdentity, Sim, run_spec
+    from planner_sim import RunIdentity, Sim, run_spec
 
     out = []
     ident = RunIdentity(name="demo", namespace="default", uid="0123456789abcdef", generation=1)

@@ -17,12 +17,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from chart_render import CHART, NAMESPACE, RELEASE, SCENARIOS, render
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "selfimprove"
 USAGE = ROOT / "tests" / "data" / "operator-api-usage.json"
 OPERATOR_CONFIG = ROOT / "operator" / "selfimprove_operator" / "k8s" / "config.py"
-RELEASE, NAMESPACE = "si", "selfimprove-system"
 
 try:  # the native library may fail to load, not only to import
     import helm_python as helm
@@ -43,35 +42,6 @@ def require(condition: bool, reason: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- rendering
-SCENARIOS: dict[str, dict] = {
-    "default": {},
-    "namespaced-2": {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"]},
-    "namespaced-release-ns": {"rbac": {"scope": "namespaced"}},
-    "standby": {"operator": {"standby": {"enabled": True}}},
-    "standby-namespaced": {
-        "operator": {"standby": {"enabled": True}},
-        "rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a", "team-b"],
-    },
-    "cluster-rbac-some-namespaces": {"watchNamespaces": ["team-a"], "operator": {"standby": {"enabled": True}}},
-    "servicemonitor": {"operator": {"metrics": {"port": 9090, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}},
-    "custom-gpu": {
-        "worker": {
-            "gpu": {"resourceName": "amd.com/gpu", "count": 2},
-            "nodeSelector": {"gpu.vendor": "amd"},
-            "tolerations": [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "image": {"repository": "registry.local/worker", "tag": "", "digest": "sha256:" + "a" * 64, "pullPolicy": "Always"},
-            "imagePullSecrets": ["regcred"],
-        },
-        "storage": {"endpoint": "http://minio.minio.svc:9000", "region": "eu-west-1", "secretName": "minio-creds"},
-    },
-    "existing-sa-no-service": {
-        "serviceAccount": {"create": False, "name": "ops-sa"},
-        "operator": {"metrics": {"service": {"enabled": False}}, "probes": {"enabled": False},
-                     "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
-    },
-}
-
-# apiVersion/kind -> (kubernetes client model, namespaced). Only what the chart may render.
 KINDS = {
     ("v1", "ServiceAccount"): ("V1ServiceAccount", True),
     ("v1", "Service"): ("V1Service", True),
@@ -102,16 +72,6 @@ def chart():
 
 
 _RENDERED: dict[str, list[dict]] = {}
-
-
-def render(chart, values: dict | None = None, namespace: str = NAMESPACE) -> list[dict]:
-    out = chart.render(values or {}, name=RELEASE, namespace=namespace)
-    docs = []
-    for path, text in sorted(out.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
 
 
 @pytest.fixture(scope="module", params=list(SCENARIOS))

@@ -443,3 +443,22 @@ def test_property_idempotent(parts: list[str]) -> None:
     with mock.patch.dict(os.environ, {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_SESSION_TOKEN": TOKEN}):
         once = redact("".join(parts))
         assert redact(once) == once
+
+
+# ------------------------------------------------------------------------------------ Events
+def test_operator_events_go_through_the_redactor(creds: None) -> None:
+    """A stage's failure message reaches a core/v1 Event; whatever credential shape it quotes
+    does not (the operator never holds the run's Secret, but a worker's error text can)."""
+    from datetime import UTC, datetime
+
+    from selfimprove_operator.k8s.events import event_body
+
+    run = {"metadata": {"name": "r", "namespace": "ns", "uid": "u"}}
+    message = ("round 1 sample failed: could not connect to https://minio:s3cr3t-pass@minio.local:9000/ "
+               f"(key {os.environ['AWS_SECRET_ACCESS_KEY']}); presigned "
+               "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAABCDEFGHIJKLMNOP%2F20260101&X-Amz-Signature=abcdef0123456789")
+    body = event_body(run, "Warning", "StageFailed", message, datetime(2026, 1, 1, tzinfo=UTC), "op-0")
+    text = json.dumps(body)
+    for secret in ("s3cr3t-pass", os.environ["AWS_SECRET_ACCESS_KEY"], "AKIAABCDEFGHIJKLMNOP", "abcdef0123456789"):
+        assert secret not in text
+    assert "minio.local:9000" in body["message"] and "round 1 sample failed" in body["message"]

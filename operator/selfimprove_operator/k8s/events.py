@@ -12,6 +12,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from selfimprove_workers.redaction import redact
+
 from ..api import API_VERSION, KIND
 from ..planner import rfc3339
 from .bodies import RunBody
@@ -46,7 +48,9 @@ def event_body(run: RunBody, type_: str, reason: str, message: str, now: datetim
         },
         "type": type_,
         "reason": reason,
-        "message": truncate_message(message),
+        # The operator holds no credentials, but a stage's message quotes what the worker saw
+        # (an endpoint URL with userinfo, a presigned URL): the one redactor runs on it too.
+        "message": truncate_message(redact(message)),
         "action": reason,
         "source": {"component": "selfimprove-operator"},
         "reportingComponent": "selfimprove.dev/operator",

@@ -16,8 +16,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from selfimprove_workers.constants import EXIT_BAD_INPUT
+
 from ..api import API_VERSION, KIND, SelfImproveRunSpec
-from ..planner import EXIT_BAD_INPUT, StartStage
+from ..planner import StartStage
 from .config import OperatorConfig
 
 LABEL_PREFIX = "selfimprove.dev/"

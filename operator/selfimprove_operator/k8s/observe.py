@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
+from selfimprove_workers.constants import IMAGE_ERROR_REASONS
 from selfimprove_workers.contract import StageResult
 
 from ..planner import Observed, parse_time
@@ -28,10 +29,7 @@ from .bodies import Condition, ContainerStateTerminated, ContainerStatus, JobBod
 from .jobs import ATTEMPT_LABEL, CONTAINER, JOB_NAME_LABELS, ROUND_LABEL, STAGE_LABEL
 
 # Waiting reasons of a container that will not fix themselves quickly.
-STUCK_REASONS = (
-    "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
-    "CreateContainerConfigError", "CreateContainerError",
-)
+STUCK_REASONS = IMAGE_ERROR_REASONS | {"CreateContainerConfigError", "CreateContainerError"}
 MESSAGE_LIMIT = 600
 
 
