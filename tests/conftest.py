@@ -20,3 +20,13 @@ except ImportError:  # pragma: no cover - a partial install without moto
 
 # Each fixture module skips (or fails in CI) on its own when what it needs is not installed.
 pytest_plugins = ["s3_fixtures", "model_fixtures", "train_fixtures", "k8s_fixtures"]
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
+    """tests/unit, tests/integration and tests/e2e are also markers: `pytest -m unit`."""
+    import pytest
+
+    for item in items:
+        for kind in ("unit", "integration", "e2e"):
+            if f"/tests/{kind}/" in str(item.path).replace("\\", "/"):
+                item.add_marker(getattr(pytest.mark, kind))

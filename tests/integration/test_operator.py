@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - need_kmock() skips (or fails in CI)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.asyncio]
 
-USAGE_FILE = Path(__file__).parent / "data" / "operator-api-usage.json"
+USAGE_FILE = Path(__file__).resolve().parents[1] / "data" / "operator-api-usage.json"
 SECRET_VALUE = "very-secret-value-8c1f"  # the fixture's Secret; must never leave it
 
 

@@ -13,7 +13,7 @@ from selfimprove_operator.crd import CRD_PATH, build_crd, render_crd
 from selfimprove_operator.manifest import load_runs
 from structural import check, to_jsonschema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 

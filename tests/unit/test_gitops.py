@@ -18,7 +18,7 @@ from selfimprove_operator.cli import main as cli
 from selfimprove_operator.planner import Observed, RunIdentity, StartStage, plan
 from selfimprove_workers.contract import StageResult
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GITOPS = ROOT / "examples" / "gitops"
 LUA = GITOPS / "health" / "selfimprove.dev_SelfImproveRun.lua"
 CM_KEY = "resource.customizations.health.selfimprove.dev_SelfImproveRun"

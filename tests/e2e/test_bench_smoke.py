@@ -17,7 +17,7 @@ import pytest
 from k8s_fixtures import need_kmock
 from model_fixtures import require_vllm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # script → (what it needs, lines its output must contain, seconds it may take). Smoke runs take
 # ~6 s (train, operator), ~12 s (sample) and ~60 s (demo: three vLLM stage processes) on 2 cores.

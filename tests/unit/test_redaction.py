@@ -339,7 +339,10 @@ def test_log_formatter_uses_the_redactor(creds: None) -> None:
 
 def test_stage_failure_summary_uses_the_redactor(creds: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import selfimprove_workers.runtime as rt
-    from test_contract import task_dict
+    def task_dict(tmp: Path) -> dict[str, Any]:  # a sample task whose stage fails at once
+        return {"run": {"name": "r", "namespace": "ns", "uid": "u-1"}, "round": 1, "stage": "sample",
+                "output": (tmp / "out" / "round-001" / "sample").as_uri() + "/", "model": {"base": str(tmp / "model")},
+                "inputs": {"questions": str(tmp / "q.jsonl")}, "sampling": {"paths": 4, "temperature": 0.7}}
 
     monkeypatch.setattr(rt.log, "setup", lambda *a, **k: None)  # keep pytest's log handlers
     monkeypatch.setenv("TERMINATION_LOG", str(tmp_path / "termination-log"))

@@ -43,7 +43,7 @@ from selfimprove_workers.storage import (
     write_jsonl,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from selfimprove_workers.errors import BadInput
 from selfimprove_workers.runtime import EXIT_BAD_INPUT, StageOutcome, load_task, run_task
 from selfimprove_workers.storage import is_complete, read_marker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def task_dict(tmp_path: Path, **changes) -> dict:

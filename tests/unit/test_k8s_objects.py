@@ -35,7 +35,7 @@ from selfimprove_operator.k8s.reconciler import OWN_DEGRADED
 from selfimprove_operator.planner import Event, RunIdentity
 from selfimprove_operator.presets import ROUND_STAGES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VERSIONS = k8s_schemas.supported_versions()
 UID = "5f1c2a9e-8d3b-4c1e-9a7f-0123456789ab"
 

@@ -19,7 +19,7 @@ import pytest
 from selfimprove_operator.local import LocalExecutor, StatusStore, local_run
 from selfimprove_operator.manifest import load_runs
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the fixture modules' folder
 FAKE = f"{sys.executable} {HERE / 'fake_stage.py'}"
 
 MANIFEST = """\

@@ -23,7 +23,7 @@ from selfimprove_workers.storage import FileStorage, S3Storage, storage_for
 def gsm8k_dir() -> Path:
     """shared/ sits beside the repository (here and in CI's fresh clone); env var overrides."""
     env = os.environ.get("SELFIMPROVE_GSM8K_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/gsm8k"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared/data/gsm8k"
 
 
 needs_gsm8k = pytest.mark.skipif(

@@ -13,7 +13,7 @@ from selfimprove_operator.cli import main
 from selfimprove_operator.manifest import ManifestInvalid, load_runs, runs_from_text
 from selfimprove_operator.presets import PRESETS, resolve, stages_of_round
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {
     "apiVersion": "selfimprove.dev/v1alpha1",

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from chart_render import CHART, NAMESPACE, RELEASE, SCENARIOS, render
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 USAGE = ROOT / "tests" / "data" / "operator-api-usage.json"
 OPERATOR_CONFIG = ROOT / "operator" / "selfimprove_operator" / "k8s" / "config.py"
 
