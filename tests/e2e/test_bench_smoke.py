@@ -55,6 +55,6 @@ def test_every_bench_script_has_a_smoke_test():
     scripts = {p.name for p in (REPO / "bench").glob("*.py")}
     assert scripts == set(BENCHES), (
         f"bench/ scripts without a smoke test: {sorted(scripts - set(BENCHES))}; entries for scripts "
-        f"that are gone: {sorted(set(BENCHES) - scripts)} (tests/test_bench_smoke.py, BENCHES)")
+        f"that are gone: {sorted(set(BENCHES) - scripts)} (tests/e2e/test_bench_smoke.py, BENCHES)")
     for name in scripts:  # each takes --smoke (the test above runs it)
         assert '"--smoke"' in (REPO / "bench" / name).read_text(), f"bench/{name} has no --smoke flag"

@@ -2,7 +2,7 @@
 
 The stage processes are real (`python fake_stage.py TASK.json` through the real runtime); only
 the model work is replaced, so these tests cover planning, persistence, resume, Ctrl-C and
-failure handling in seconds. The real stages run in tests/test_e2e_local.py.
+failure handling in seconds. The real stages run in tests/e2e/test_e2e_local.py.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def test_immutability_rules(schema):
     for name in ("strategy", "model", "data"):
         rules = schema["properties"]["spec"]["properties"][name]["x-kubernetes-validations"]
         assert rules == [{"rule": "self == oldSelf", "message": f"spec.{name} is immutable"}]
-    # What each rule does on a real CEL evaluator: tests/test_apiserver.py.
+    # What each rule does on a real CEL evaluator: tests/integration/test_apiserver.py.
 
 
 def _walk(node, path=""):

@@ -45,7 +45,7 @@ from .data import IGNORE_INDEX, EncodedExamples, batch_digest, plan_epoch
 __all__ = ["TrainJob", "AnswerLoss", "build_model", "train", "EXIT_AFTER_EPOCH_ENV",
            "DEFAULT_TARGET_MODULES", "DEFAULT_R", "DEFAULT_ALPHA", "final_loss"]
 
-# Test hook (documented in tests/test_train.py): exit the process hard, as a preemption would,
+# Test hook (documented in tests/e2e/test_train.py): exit the process hard, as a preemption would,
 # right after the checkpoint of this epoch (1-based) is complete in storage.
 EXIT_AFTER_EPOCH_ENV = "SELFIMPROVE_TEST_EXIT_AFTER_EPOCH"
 
