@@ -20,9 +20,10 @@ from model_fixtures import require_vllm
 REPO = Path(__file__).resolve().parents[2]
 
 # script → (what it needs, lines its output must contain, seconds it may take). Smoke runs take
-# ~6 s (train, operator), ~12 s (sample) and ~60 s (demo: three vLLM stage processes) on 2 cores.
+# ~1 s (extraction), ~6 s (train, operator), ~12 s (sample) and ~60 s (demo: three vLLM stage processes) on 2 cores.
 BENCHES = {
     "bench_demo.py": ("vllm", ["seed  round  0  round  1   gain", "smallest gain:", "smoke run"], 900),
+    "bench_extraction.py": (None, ["extraction accuracy by style", "overall", "smoke run"], 60),
     "bench_operator.py": ("kmock", ["stage hand-off (Job complete → next Job created): median", "operator RSS:",
                                     "smoke run"], 300),
     "bench_sample.py": ("vllm", ["medians over 1 repeats", "× bare   (target ≥ 0.95)", "naive transformers loop",
