@@ -195,6 +195,8 @@ class SelfImproveRunSpec(WireModel):
         # The strategies' and filters' rules, the same ones the CRD carries as CEL.
         wire = self.wire()
         errors: list[str] = [e for rule in spec_rules() if (e := rule.violated(wire))]
+        # Only here, not in CEL: it compares against engine.maxLoraRank's *default*, which the
+        # API server does not store when `engine` is left out; the operator reports it instead.
         if self.engine.kind == "vllm" and self.training.lora.r and self.training.lora.r > self.engine.max_lora_rank:
             errors.append(
                 f"training.lora.r: {self.training.lora.r} exceeds engine.maxLoraRank "

@@ -46,9 +46,11 @@ Uri = Annotated[str, Field(min_length=1, max_length=2048)]
 class AnswerSpec(WireModel):
     type: Literal["number", "choice", "regex"] = Field(
         "number",
-        description="How the final answer is extracted from a reasoning path: `number` (GSM8K "
-        "`#### 42`, `The answer is 42`, else the last number), `choice` (a letter A-E) or "
-        "`regex` (the first capture group of `pattern`).",
+        description="How the final answer is extracted from a reasoning path, read up to any "
+        "invented next question: `number` (a `Final Answer:` line, else the last `\\boxed{}`, "
+        "else `The answer is 42`, else GSM8K `#### 42`, else an `Answer:` label, else the last "
+        "number; units, currency, %, thousands separators and fractions normalized), `choice` "
+        "(a letter A-E) or `regex` (the first capture group of `pattern`).",
     )
     pattern: str | None = Field(
         None, description="Regular expression for `type: regex`; its first group is the answer."
