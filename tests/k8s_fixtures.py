@@ -83,7 +83,7 @@ except ImportError:  # pragma: no cover - exercised where kmock is not installed
     kmock = None
 
 __all__ = [
-    "need_kmock", "K8S_VERSIONS", "run_manifest", "RUNS", "JOBS", "PODS", "EVENTS", "SECRETS",
+    "need_kmock", "K8S_VERSIONS", "run_manifest", "progress_line", "running_pod", "RUNS", "JOBS", "PODS", "EVENTS", "SECRETS",
     "Succeed", "Fail", "Hold", "Preempt", "Pending", "k8s", "kubeconfig", "cluster", "start_operator",
 ]
 
@@ -129,6 +129,28 @@ def need_kmock() -> None:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def progress_line(done: int, total: int, unit: str, eta: float | None = None, stage: str = "sample") -> str:
+    """A progress line exactly as a stage's log module writes it (selfimprove_workers.log)."""
+    import logging
+
+    from selfimprove_workers.log import PROGRESS_KEY, JsonFormatter
+
+    body: dict[str, Any] = {"done": done, "total": total, "unit": unit}
+    if eta is not None:
+        body["etaSeconds"] = eta
+    record = logging.LogRecord(f"selfimprove.{stage}", logging.INFO, __file__, 0, f"{done}/{total} {unit}", None, None)
+    setattr(record, PROGRESS_KEY, body)
+    return JsonFormatter().format(record)
+
+
+def running_pod(server: Any, job: str, namespace: str = "default") -> str | None:
+    """The name of the Job's pod whose container runs, if any."""
+    for pod in server.find(PODS, namespace):
+        if (pod["metadata"].get("labels") or {}).get("job-name") == job and (pod.get("status") or {}).get("phase") == "Running":
+            return pod["metadata"]["name"]
+    return None
 
 
 def run_manifest(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
@@ -202,7 +224,7 @@ if kmock is not None:
     RESOURCE_INFO: dict[str, dict[str, Any]] = {
         RUNS: dict(kind="SelfImproveRun", singular="selfimproverun", namespaced=True, shortnames={"sir"}, subresources={"status"}),
         JOBS: dict(kind="Job", singular="job", namespaced=True, subresources={"status"}),
-        PODS: dict(kind="Pod", singular="pod", namespaced=True, subresources={"status"}),
+        PODS: dict(kind="Pod", singular="pod", namespaced=True, subresources={"status", "log"}),
         EVENTS: dict(kind="Event", singular="event", namespaced=True),
         SECRETS: dict(kind="Secret", singular="secret", namespaced=True),
         "v1/namespaces": dict(kind="Namespace", singular="namespace", namespaced=False, subresources={"status"}),
@@ -225,6 +247,8 @@ if kmock is not None:
         listeners: list[Callable[[str, Any, dict[str, Any]], None]] = attrs.field(factory=list, init=False)
         faults: list[dict[str, Any]] = attrs.field(factory=list, init=False)
         revision: int = attrs.field(default=0, init=False)
+        # What each container printed, (namespace, pod, container) → lines: served by pods/log.
+        logs: dict[tuple[str, str, str], list[str]] = attrs.field(factory=dict, init=False)
         _changed: asyncio.Condition = attrs.field(factory=asyncio.Condition, init=False)
 
         def __attrs_post_init__(self) -> None:
@@ -256,6 +280,8 @@ if kmock is not None:
                 await self._fault(verb, res, request.subresource)
                 if verb == "watch":
                     return await super()._handle(request)
+                if verb == "get" and res.plural == "pods" and request.subresource == "log":
+                    return self._pod_log(request.namespace, request.name, request.params)
                 if verb == "list":
                     return web.json_response(self.list_objects(res, request.namespace, request.params.get("labelSelector")))
                 if verb == "get":
@@ -295,6 +321,48 @@ if kmock is not None:
             if method == "DELETE":
                 return "delete" if request.name else "deletecollection"
             return method.lower()
+
+        # ------------------------------------------------------------ pods/log
+        def write_log(self, namespace: str, pod: str, line: str, container: str = "worker") -> None:
+            """The container prints `line` (what `pods/log` then serves)."""
+            self.logs.setdefault((namespace, pod, container), []).append(line.rstrip("\n"))
+
+        def _pod_log(self, namespace: str | None, name: str | None, params: Any):
+            """`GET pods/{name}/log` as the API server answers it: text/plain, the container's
+            output; `container` required when the pod has several; `tailLines`, `limitBytes`,
+            `sinceSeconds` validated as integers (400 otherwise); 400 while the container waits to
+            start, 404 for an unknown pod."""
+            pod = self.get_object(PODS, namespace, name or "")  # 404 NotFound
+            containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+            container = params.get("container")
+            if container is None:
+                if len(containers) != 1:
+                    raise _error(400, "BadRequest", f"a container name must be specified for pod {name}, "
+                                 f"choose one of: {containers}")
+                container = containers[0]
+            if container not in containers:
+                raise _error(400, "BadRequest", f"container {container} is not valid for pod {name}")
+            numbers: dict[str, int] = {}
+            for key, least in (("tailLines", 0), ("limitBytes", 1), ("sinceSeconds", 1)):
+                if key in params:
+                    try:
+                        numbers[key] = int(params[key])
+                    except ValueError:
+                        raise _error(400, "BadRequest", f"{key}: invalid value {params[key]!r}") from None
+                    if numbers[key] < least:
+                        raise _error(422, "Invalid", f"PodLogOptions.{key}: must be greater than or equal to {least}")
+            statuses = {c.get("name"): c for c in (pod.get("status") or {}).get("containerStatuses") or []}
+            state = (statuses.get(container) or {}).get("state") or {}
+            if "running" not in state and "terminated" not in state:
+                waiting = (state.get("waiting") or {}).get("reason") or "ContainerCreating"
+                raise _error(400, "BadRequest", f'container "{container}" in pod "{name}" is waiting to start: {waiting}')
+            lines = self.logs.get((namespace or "", name or "", container), [])
+            if "tailLines" in numbers:
+                lines = lines[len(lines) - numbers["tailLines"]:] if numbers["tailLines"] else []
+            data = "".join(line + "\n" for line in lines).encode()
+            if "limitBytes" in numbers:
+                data = data[:numbers["limitBytes"]]
+            return web.Response(body=data, content_type="text/plain", charset="utf-8")
 
         def inject_fault(self, verb: str, plural: str, status: int, reason: str, message: str = "injected",
                          times: int = 1, touch: tuple[str, str | None, str] | None = None) -> None:
@@ -933,6 +1001,7 @@ TEST_SETTINGS = dict(
     reconcile_backoff=0.2, reconcile_max_backoff=2.0, workers=4, watch_server_timeout=120.0,
     watch_client_timeout=150.0, watch_connect_timeout=5.0, request_timeout=10.0,
     reporting_instance="test-operator", worker_image="ghcr.io/selfimprove/worker:test",
+    progress_interval=1.0,
 )
 
 

@@ -258,6 +258,22 @@ class RoundStatus(WireModel):
     completion_time: str | None = Field(None, description="When the round finished.")
 
 
+class StageProgress(WireModel):
+    """The running stage's latest progress record (its pod log's last `progress` line)."""
+
+    round: int = Field(..., ge=0, description="Round of the running stage.")
+    stage: StageNameLiteral = Field(..., description="The running stage.")
+    attempt: int = Field(..., ge=1, description="Its attempt.")
+    unit: str = Field(..., description="What is counted: paths, steps, examples, filters, …")
+    done: int = Field(..., ge=0, description="Units done.")
+    total: int = Field(..., ge=0, description="Units in all.")
+    percent: int = Field(..., ge=0, le=100, description="done / total, in percent.")
+    estimated_remaining_seconds: int | None = Field(
+        None, ge=0, description="Estimated seconds until the stage is done, from its rate so far.")
+    last_update: str = Field(..., description="When the stage wrote the record (RFC 3339).")
+    summary: str = Field(..., description="One line for `kubectl get`: stage, percent, done/total, time left.")
+
+
 class SelfImproveRunStatus(WireModel):
     phase: Phase = Field("Pending", description="Summary for humans.")
     round: int = Field(0, ge=0, description="Current round.")
@@ -274,6 +290,7 @@ class SelfImproveRunStatus(WireModel):
     start_time: str | None = Field(None, description="When the run started.")
     completion_time: str | None = Field(None, description="When the run finished.")
     message: str | None = Field(None, description="Latest notable event.")
+    progress: StageProgress | None = Field(None, description="Progress of the running stage, while one runs.")
 
 
 # =========================================================================== the object

@@ -175,6 +175,8 @@ def build_crd() -> dict[str, Any]:
                     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                     {"name": "Round", "type": "integer", "jsonPath": ".status.round"},
                     {"name": "Best", "type": "number", "format": "float", "jsonPath": ".status.bestAccuracy", "description": "Best accuracy"},
+                    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary",
+                     "description": "The running stage: percent, done/total, estimated time left"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
                 "schema": {"openAPIV3Schema": schema},

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from selfimprove_workers.contract import StageResult
-from selfimprove_workers.log import PROGRESS_KEY
+from selfimprove_workers.log import PROGRESS_KEY, ProgressRecord, parse_progress
 from selfimprove_workers.redaction import redact, redact_obj
 from selfimprove_workers.storage import storage_for
 
@@ -58,6 +58,7 @@ class StageProcess:
     result_file: Path
     log_file: Path
     progress: str | None = None
+    report: ProgressRecord | None = None    # the newest progress record of its log
     last_message: str | None = None
     metrics: dict = field(default_factory=dict)
 
@@ -181,6 +182,7 @@ class LocalExecutor:
                     if PROGRESS_KEY in record:
                         prog = record[PROGRESS_KEY]
                         sp.progress = f"{prog['done']}/{prog['total']} {prog.get('unit', '')}".strip()
+                        sp.report = parse_progress(line) or sp.report
                     if record.get("metrics"):
                         sp.metrics.update(record["metrics"])
                     if record.get("level") in ("warning", "error"):
@@ -205,7 +207,12 @@ class LocalExecutor:
             code = sp.proc.poll()
             if code is None:
                 if sp.progress:
-                    self.observed[key] = Observed(attempt=sp.start.attempt, state="running", progress=sp.progress)
+                    before = self.observed.get(key)
+                    self.observed[key] = Observed(attempt=sp.start.attempt, state="running", progress=sp.progress,
+                                                  report=sp.report)
+                    # A new record re-plans: status.progress (and the saved status) follow the
+                    # stage at the rate it logs progress (bounded by the worker's log module).
+                    changed = changed or (sp.report is not None and (before is None or before.report != sp.report))
                 continue
             sp.proc.wait()
             del self.running[key]

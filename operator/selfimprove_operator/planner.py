@@ -26,9 +26,10 @@ from selfimprove_workers.contract import (
     StageTask,
     StorageRef,
 )
+from selfimprove_workers.log import ProgressRecord
 from selfimprove_workers.stage_registry import stage as stage_kind
 
-from .api import STAGE_PHASE, Condition, RoundStatus, SelfImproveRunSpec, SelfImproveRunStatus, StageStatus
+from .api import STAGE_PHASE, Condition, RoundStatus, SelfImproveRunSpec, SelfImproveRunStatus, StageProgress, StageStatus
 from .presets import resolve, stages_of_round
 from .strategies import strategy
 from .wiring import WiringContext, wiring_for
@@ -53,6 +54,7 @@ class Observed:
     reason: str | None = None               # OOMKilled, DeadlineExceeded, ImagePullBackOff, …
     message: str | None = None
     progress: str | None = None             # "N/M" of a running attempt
+    report: ProgressRecord | None = None    # its latest progress record (the stage's log)
 
     @property
     def permanent(self) -> bool:
@@ -263,6 +265,51 @@ def plan(
     now: datetime,
     run: RunIdentity,
 ) -> Plan:
+    p = _plan(spec, status, observed, now, run)
+    p.status.progress = stage_progress(p.status, observed, status.progress if status else None)
+    return p
+
+
+def stage_progress(status: SelfImproveRunStatus, observed: dict[tuple[int, str], Observed],
+                   previous: StageProgress | None) -> StageProgress | None:
+    """`status.progress`: the running attempt's latest progress record; the one already on the
+    status while that attempt runs and nothing newer is seen (an executor that restarted has
+    not read the log yet); none once no attempt runs."""
+    if not status.rounds:
+        return None
+    current = status.rounds[-1]
+    stage = next((s for s in current.stages if s.state == "Running"), None)
+    if stage is None:
+        return None
+    obs = observed.get((current.round, stage.name))
+    rec = obs.report if obs is not None and obs.attempt == stage.attempts else None
+    if rec is None:
+        same = previous is not None and (previous.round, previous.stage, previous.attempt) == (current.round, stage.name, stage.attempts)
+        return previous if same else None
+    eta = None if rec.eta_seconds is None else int(round(rec.eta_seconds))
+    left = f", {_duration(eta)} left" if eta is not None and rec.done < rec.total else ""
+    return StageProgress(
+        round=current.round, stage=stage.name, attempt=stage.attempts, unit=rec.unit, done=rec.done, total=rec.total,
+        percent=rec.percent, estimated_remaining_seconds=eta, last_update=rec.ts,
+        summary=f"{stage.name} {rec.percent}% ({rec.done}/{rec.total} {rec.unit}{left})",
+    )
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _plan(
+    spec: SelfImproveRunSpec,
+    status: SelfImproveRunStatus | None,
+    observed: dict[tuple[int, str], Observed],
+    now: datetime,
+    run: RunIdentity,
+) -> Plan:
     status = (status or SelfImproveRunStatus()).model_copy(deep=True)
     p = Plan(status=status)
     gen = run.generation
@@ -345,7 +392,7 @@ def _advance_stage(spec, status, current: RoundStatus, stage: StageStatus, obs: 
             # `missing` itself once it knows the attempt is gone.
             return _set_phase(status, stage, p)
         if obs.state in ("pending", "running"):
-            stage.progress = obs.progress or stage.progress
+            stage.progress = obs.progress or (obs.report.text() if obs.report else None) or stage.progress
             if obs.state == "pending" and obs.reason:
                 # Stuck before running (image pull, unschedulable): visible, not yet failed.
                 stage.reason, stage.message = obs.reason, obs.message

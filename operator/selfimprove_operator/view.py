@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .api import SelfImproveRunStatus
+from .api import SelfImproveRunStatus, StageProgress
 
 STATE_STYLE = {"Succeeded": "green", "Running": "cyan", "Failed": "red", "Pending": "dim", "Skipped": "dim"}
 PHASE_STYLE = {"Succeeded": "bold green", "Failed": "bold red", "Suspended": "yellow"}
@@ -50,6 +50,15 @@ def rounds_table(status: SelfImproveRunStatus, title: str | None = None) -> Tabl
     return table
 
 
+def progress_text(p: StageProgress) -> str:
+    """The running stage's progress as the live view shows it: what `status.progress` says."""
+    left = ""
+    if p.estimated_remaining_seconds is not None and p.done < p.total:
+        m, sec = divmod(p.estimated_remaining_seconds, 60)
+        left = f", ~{m}m{sec:02d}s left" if m else f", ~{sec}s left"
+    return f"{p.percent}% {p.done}/{p.total} {p.unit}{left}"
+
+
 def stages_line(status: SelfImproveRunStatus, progress: dict[str, str] | None = None) -> Text:
     text = Text()
     if not status.rounds:
@@ -60,7 +69,10 @@ def stages_line(status: SelfImproveRunStatus, progress: dict[str, str] | None = 
         if i:
             text.append(" → ")
         label = s.name
-        if s.state == "Running" and progress and progress.get(s.name):
+        now = status.progress
+        if s.state == "Running" and now is not None and (now.round, now.stage) == (current.round, s.name):
+            label += f" [{progress_text(now)}]"
+        elif s.state == "Running" and progress and progress.get(s.name):
             label += f" [{progress[s.name]}]"
         if s.attempts > 1:
             label += f" (attempt {s.attempts})"

@@ -266,8 +266,14 @@ def test_printer_columns_resolve_on_a_planner_status():
     model = SelfImproveRunStatus.model_validate(status)
     intended = {
         "Strategy": "lmsi", "Phase": model.phase, "Round": model.round, "Best": model.best_accuracy,
-        "Age": "2026-01-01T00:00:00Z",
+        "Age": "2026-01-01T00:00:00Z", "Progress": "train 40% (8/20 steps, 1m05s left)",
     }
+    # A finished run has no progress; the column's value is that of a running stage's.
+    assert "progress" not in status
+    obj["status"] = {**status, "progress": {"round": 1, "stage": "train", "attempt": 1, "unit": "steps", "done": 8,
+                                            "total": 20, "percent": 40, "estimatedRemainingSeconds": 65,
+                                            "lastUpdate": "2026-01-01T00:00:00Z", "summary": intended["Progress"]}}
+    SelfImproveRunStatus.model_validate(obj["status"])
     assert {c["name"] for c in columns} == set(intended)
     types = {"string": str, "integer": int, "number": float, "date": str, "boolean": bool}
     for column in columns:

@@ -25,7 +25,9 @@ from k8s_fixtures import (
     Preempt,
     Succeed,
     need_kmock,
+    progress_line,
     run_manifest,
+    running_pod,
 )
 
 try:
@@ -481,6 +483,10 @@ async def test_api_usage_matches_committed_file(k8s, cluster, start_operator):
     assert "belongs to another object" in condition(k8s.status("usage"), "Degraded")["message"]
     await k8s.delete_object(JOBS, "default", "usage-r0-evaluate")
     await k8s.wait_for(lambda: stage_or_none(k8s, "usage") == "Running" and k8s.jobs("usage"), what="evaluate to run")
+    # Progress: the running pod's log tail (pods/log) onto the status.
+    pod = await k8s.wait_for(lambda: running_pod(k8s, stage(k8s.status("usage"), 0, "evaluate")["job"]), what="the pod to run")
+    k8s.write_log("default", pod, progress_line(3, 10, "answers"))
+    await k8s.wait_for(lambda: (k8s.status("usage").get("progress") or {}).get("done") == 3, what="progress on the status")
     # Suspend: the running Job is deleted; resume: a new attempt.
     await k8s.patch_object(RUNS, "default", "usage", {"spec": {"suspend": True}}, "merge")
     await k8s.wait_for(lambda: not k8s.jobs("usage"), what="the Job to be deleted")

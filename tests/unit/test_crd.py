@@ -7,7 +7,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from selfimprove_operator.api import Condition, RoundStatus, SelfImproveRunStatus, StageStatus
+from selfimprove_operator.api import Condition, RoundStatus, SelfImproveRunStatus, StageProgress, StageStatus
 from selfimprove_operator.cli import main
 from selfimprove_operator.crd import CRD_PATH, build_crd, render_crd
 from selfimprove_operator.manifest import load_runs
@@ -153,6 +153,9 @@ def full_status() -> dict:
                         "observedGeneration": 3}],
         "observedGeneration": 3, "appliedSpec": "sha256:abc", "startTime": "2026-01-01T00:00:00Z",
         "completionTime": "2026-01-01T03:00:00Z", "message": "training round 1",
+        "progress": {"round": 1, "stage": "train", "attempt": 2, "unit": "steps", "done": 3, "total": 10, "percent": 30,
+                     "estimatedRemainingSeconds": 70, "lastUpdate": "2026-01-01T01:30:00Z",
+                     "summary": "train 30% (3/10 steps, 1m10s left)"},
     }
 
 
@@ -166,6 +169,7 @@ def test_full_status_validates_against_status_schema(schema):
     assert names(RoundStatus) == set(status["rounds"][0])
     assert names(StageStatus) == set(status["rounds"][0]["stages"][0])
     assert names(Condition) == set(status["conditions"][0])
+    assert names(StageProgress) == set(status["progress"])
     SelfImproveRunStatus.model_validate(status)
     validator = jsonschema.Draft202012Validator(to_jsonschema(schema["properties"]["status"]))
     errors = list(validator.iter_errors(status))

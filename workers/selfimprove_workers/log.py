@@ -1,8 +1,10 @@
 """Structured (JSON lines) logging for stages, with credentials redacted.
 
 One JSON object per line on stderr: `{"ts", "level", "logger", "msg", ...extra}`. Progress is a
-log record with a `progress` field (`{"done", "total", "unit"}`), which the local runner renders
-as a progress bar and a person can still read in `kubectl logs`. Every field of a record goes
+log record with a `progress` field (`{"done", "total", "unit", "etaSeconds"}`), at most one line per
+count every few seconds: the local runner renders it as a progress bar, the operator reads the
+last one from the pod's log (`pods/log`) onto the run's status, and a person can still read it
+in `kubectl logs`. Every field of a record goes
 through :func:`selfimprove_workers.redaction.redact_obj` before it is serialized, so a line never
 carries a credential and is always valid JSON.
 """
@@ -11,9 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .redaction import redact_obj
 
@@ -53,5 +58,93 @@ def setup(level: str | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def progress(logger: logging.Logger, done: int, total: int, unit: str, msg: str | None = None) -> None:
-    logger.info(msg or f"{done}/{total} {unit}", extra={PROGRESS_KEY: {"done": done, "total": total, "unit": unit}})
+# At most one progress line per this many seconds and count (the first and the last always go
+# out): the operator reads the log's tail, so a line per token would only push records out of it.
+PROGRESS_INTERVAL_ENV = "SELFIMPROVE_PROGRESS_INTERVAL"
+DEFAULT_PROGRESS_INTERVAL = 2.0
+
+
+@dataclass
+class _Count:
+    total: int
+    first_done: int
+    started: float
+    last_line: float
+
+
+_counts: dict[tuple[str, str], _Count] = {}
+
+
+def progress(logger: logging.Logger, done: int, total: int, unit: str, msg: str | None = None, *,
+             clock: Callable[[], float] = time.monotonic) -> bool:
+    """Log progress of a count (`done` of `total` `unit`), with the estimated seconds left from
+    the rate since the count started; rate-bounded (see PROGRESS_INTERVAL_ENV). True when a
+    line was written."""
+    now = clock()
+    key = (logger.name, unit)
+    count = _counts.get(key)
+    if count is None or count.total != total or done < count.first_done:
+        count = _counts[key] = _Count(total, done, now, -math.inf)
+    interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, DEFAULT_PROGRESS_INTERVAL))
+    edge = done == count.first_done or done >= total
+    if not edge and now - count.last_line < interval:
+        return False
+    count.last_line = now
+    body: dict[str, object] = {"done": done, "total": total, "unit": unit}
+    if done > count.first_done and now > count.started:
+        rate = (done - count.first_done) / (now - count.started)
+        body["etaSeconds"] = round(max(0, total - done) / rate, 1)
+    logger.info(msg or f"{done}/{total} {unit}", extra={PROGRESS_KEY: body})
+    return True
+
+
+@dataclass(frozen=True)
+class ProgressRecord:
+    """A progress line as a reader of the log (the operator, the local runner) sees it."""
+
+    done: int
+    total: int
+    unit: str
+    ts: str                          # when the stage wrote it (RFC 3339, seconds)
+    eta_seconds: float | None = None
+
+    @property
+    def percent(self) -> int:
+        return min(100, int(100 * self.done / self.total)) if self.total > 0 else 0
+
+    def text(self) -> str:
+        return f"{self.done}/{self.total} {self.unit}"
+
+
+def parse_progress(line: str) -> ProgressRecord | None:
+    """The progress record of one log line; None for any other line (text, JSON without a
+    well-formed `progress` field)."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    prog = obj.get(PROGRESS_KEY) if isinstance(obj, dict) else None
+    if not isinstance(prog, dict):
+        return None
+    done, total, unit, ts = prog.get("done"), prog.get("total"), prog.get("unit"), obj.get("ts")
+    if not (isinstance(done, int) and isinstance(total, int) and _count(done) and _count(total)
+            and isinstance(unit, str) and isinstance(ts, str)):
+        return None
+    raw_eta = prog.get("etaSeconds")
+    eta = float(raw_eta) if isinstance(raw_eta, (int, float)) and not isinstance(raw_eta, bool) and raw_eta >= 0 else None
+    return ProgressRecord(done, total, unit, ts, eta)
+
+
+def last_progress(text: str) -> ProgressRecord | None:
+    """The newest progress record in a log excerpt (e.g. the tail of a pod's log)."""
+    for line in reversed(text.splitlines()):
+        if (rec := parse_progress(line)) is not None:
+            return rec
+    return None
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -106,6 +106,12 @@ class OperatorConfig:
     """Runs reconciled concurrently (one reconcile per run at a time)."""
     resync_seconds: float = 600.0
     """An unfinished run is reconciled at least this often, events or not (a safety net)."""
+    progress_interval: float = 10.0
+    """Least seconds between two reads of a running stage's log, and so between two progress
+    writes, per run (0: no progress on the status)."""
+    progress_rate: float = 2.0
+    """Most stage-log reads (and so progress writes) per second across all runs: a token bucket
+    that bounds the operator's API load whatever the number of runs."""
     reconcile_backoff: float = 1.0
     reconcile_max_backoff: float = 300.0
     metrics_host: str = "0.0.0.0"

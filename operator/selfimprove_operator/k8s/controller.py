@@ -25,6 +25,7 @@ from .events import EventRecorder
 from .kube import Kube
 from .metrics import Metrics
 from .metrics_server import MetricsServer
+from .progress import ProgressReader
 from .reconciler import Reconciler, Result
 from .status_writer import StatusWriter
 from .workqueue import WorkQueue
@@ -44,8 +45,9 @@ class Controller:
         self.recorder = EventRecorder(kube, clock, config.reporting_instance)
         self.status_writer = StatusWriter(kube, clock)
         self.actuator = JobActuator(kube, config, self.metrics)
+        self.progress = ProgressReader(kube, config.progress_interval, config.progress_rate)
         self.reconciler = Reconciler(config, self.cache, self.status_writer, self.actuator, self.recorder,
-                                     self.metrics, clock)
+                                     self.metrics, clock, self.progress)
         self.kube = kube
         self._workers: list[asyncio.Task] = []
         self._metrics_server: MetricsServer | None = None
@@ -59,7 +61,7 @@ class Controller:
     def kube(self, kube: Kube | None) -> None:
         # Made at start-up from kopf's settings (its login); every part that calls the API uses it.
         self._kube = kube
-        self.recorder.kube = self.status_writer.kube = self.actuator.kube = kube
+        self.recorder.kube = self.status_writer.kube = self.actuator.kube = self.progress.kube = kube
 
     # ================================================================== lifecycle
     async def start(self, settings: Any = None) -> None:
@@ -85,7 +87,9 @@ class Controller:
     # ================================================================== cache feeds (kopf handlers)
     def run_event(self, type_: str | None, body: RunBody) -> None:
         if type_ == "DELETED":
-            self.queue.forget(self.cache.run_deleted(body))
+            gone = self.cache.run_deleted(body)
+            self.queue.forget(gone)
+            self.progress.forget(gone)
         elif (key := self.cache.run_changed(type_, body)) is not None:
             self.queue.add(key)
 

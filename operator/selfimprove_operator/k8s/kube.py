@@ -59,7 +59,7 @@ class Kube:
         self.settings = settings  # kopf.OperatorSettings: timeouts and the shared session
 
     async def _call(self, method: str, path: str, payload: Any = None, headers: dict[str, str] | None = None,
-                    params: dict[str, str] | None = None) -> Any:
+                    params: dict[str, str] | None = None, text: bool = False) -> Any:
         if params:
             path += "?" + urllib.parse.urlencode(params)
         try:
@@ -71,10 +71,14 @@ class Kube:
             body = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
             raise ApiError(exc.status, body.get("reason"), exc.message or (str(exc.args[0]) if exc.args else None)) from None
         async with response:
-            return await response.json()
+            return await (response.text() if text else response.json())
 
     async def get(self, path: str) -> dict[str, Any]:
         return await self._call("get", path)
+
+    async def text(self, path: str, params: dict[str, str] | None = None) -> str:
+        """A plain-text resource (a pod's log)."""
+        return await self._call("get", path, params=params, text=True)
 
     async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self._call("post", path, payload=body)

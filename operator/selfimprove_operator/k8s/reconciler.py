@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from pydantic import ValidationError
 
 from ..api import SelfImproveRunSpec, SelfImproveRunStatus
-from ..planner import Event, RunIdentity, StartStage, SuspendStage, condition, is_terminal, plan
+from ..planner import Event, RunIdentity, StartStage, SuspendStage, condition, is_terminal, job_name, plan
 from ..presets import resolve
 from .actuator import JobActuator, JobConflict, JobCreationFailed
 from .cache import Cache, RunKey, RunState, generation_of, rv_of
@@ -37,6 +37,7 @@ from .events import EVENT_MESSAGE_LIMIT, EventRecorder
 from .kube import ApiError
 from .metrics import Metrics
 from .observe import observe_run
+from .progress import ProgressReader
 from .status_writer import StatusWriter, Write
 
 logger = logging.getLogger("selfimprove.operator")
@@ -58,8 +59,10 @@ class Result:
 
 class Reconciler:
     def __init__(self, config: OperatorConfig, cache: Cache, status_writer: StatusWriter, actuator: JobActuator,
-                 recorder: EventRecorder, metrics: Metrics, clock: Callable[[], datetime]):
+                 recorder: EventRecorder, metrics: Metrics, clock: Callable[[], datetime],
+                 progress: ProgressReader | None = None):
         self.config = config
+        self.progress = progress
         self.cache = cache
         self.status_writer = status_writer
         self.actuator = actuator
@@ -95,6 +98,8 @@ class Reconciler:
         identity = RunIdentity(name=name, namespace=namespace, uid=meta.get("uid") or "",
                                generation=int(meta.get("generation") or 1))
         now = self.clock()
+        # The running pod's latest progress record, when its turn to be read has come (bounded).
+        progress_in = await self.progress.poll(key, state, status) if self.progress is not None else None
 
         seen = observe_run(
             identity.uid, list(state.jobs.values()), list(state.pods.values()), now,
@@ -105,6 +110,10 @@ class Reconciler:
         for (r, s, attempt), obs in state.start_failures.items():
             if (r, s) not in observed or observed[(r, s)].attempt <= attempt:
                 observed[(r, s)] = obs
+        if self.progress is not None:
+            for (r, s), obs in observed.items():
+                if obs.state == "running" and (rec := self.progress.record(key, job_name(name, r, s, obs.attempt))):
+                    observed[(r, s)] = replace(obs, report=rec)
         p = plan(spec, status, observed, now, identity)
         new = p.status
 
@@ -145,7 +154,8 @@ class Reconciler:
         state.reported_error = None
 
         # ---- when to look again without an event
-        delays = [d for d in (p.requeue_after, (seen.wake_at - now).total_seconds() if seen.wake_at else None) if d is not None]
+        delays = [d for d in (p.requeue_after, (seen.wake_at - now).total_seconds() if seen.wake_at else None,
+                              progress_in) if d is not None]
         if not is_terminal(new) and new.phase != "Suspended":
             delays.append(self.config.resync_seconds)  # safety net for anything missed
         return Result(requeue=requeue, requeue_after=max(0.05, min(delays)) if delays else None)
