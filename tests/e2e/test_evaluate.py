@@ -190,3 +190,21 @@ def test_end_to_end_with_an_adapter_and_a_seed_set_on_vllm(tiny_model_dir, tiny_
     assert summary["status"] == "Succeeded" and summary["metrics"]["seedTotal"] == 2
     _check_consistent(tmp_path / "evaluate", summary, len(EVAL_ROWS))
     assert len(read_jsonl(tmp_path / "evaluate" / "seed_predictions.jsonl")) == 2
+
+
+def test_accuracy_per_round_is_one_tensorboard_curve_of_the_run(tmp_path):
+    """Each round's evaluate writes its accuracy to the run's tensorboard/evaluate/ (step = round;
+    a retried round replaces its file): TensorBoard's own reader sees one curve across rounds."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    engine = StubEngine({q: out for q, (out, _, _) in OUTPUTS.items()})
+    run = tmp_path / "runs" / "local" / "t"
+    for round_ in (0, 1, 1, 2):  # round 1 twice: a retry
+        task = eval_task(tmp_path, round_=round_).model_copy(update={"output": str(run / f"round-{round_:03d}" / "evaluate")})
+        assert run_task(task, stage_fn=partial(evaluate, engine=engine)).status == "Succeeded"
+    folder = run / "tensorboard" / "evaluate"
+    assert sorted(p.name for p in folder.iterdir()) == [f"events.out.tfevents.round-{r:03d}.evaluate" for r in (0, 1, 2)]
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/accuracy")] == [(r, pytest.approx(0.6)) for r in (0, 1, 2)]
+    assert [e.step for e in acc.Scalars("eval/seed_accuracy")] == [0, 1, 2]

@@ -160,7 +160,8 @@ def test_training_lowers_the_loss_and_writes_a_peft_adapter(train_model_dir, tmp
     assert result.status == "Succeeded" and m["examples"] == 8 and m["epochs"] == 16 and m["steps"] == 32
     assert m["trainLoss"] < 0.5 * m["initialLoss"], m
     assert m["tokensPerSecond"] > 0
-    assert result.outputs == {"adapter": f"{out}/adapter/", "metrics": f"{out}/metrics.json"}
+    assert result.outputs == {"adapter": f"{out}/adapter/", "metrics": f"{out}/metrics.json",
+                              "tensorboard": f"{out}/tensorboard/"}
 
     marker = json.loads((out / "_SUCCESS").read_text())
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json",
@@ -171,8 +172,23 @@ def test_training_lowers_the_loss_and_writes_a_peft_adapter(train_model_dir, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
     assert [h["step"] for h in history] == list(range(1, 33))
-    assert all({"loss", "lr", "tokens", "answerTokens", "batch", "epoch"} <= h.keys() for h in history)
+    assert all({"loss", "lr", "tokens", "answerTokens", "batch", "epoch", "gradNorm", "seconds"} <= h.keys() for h in history)
     assert history[0]["loss"] == pytest.approx(m["initialLoss"], rel=1e-5)
+
+    # TensorBoard's own reader finds the same curves next to the adapter (committed with it).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert any(n.startswith("tensorboard/events.out.tfevents.") for n in marker["files"])
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s"} <= tags
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 33))
+    assert [e.value for e in loss] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+    assert [e.value for e in acc.Scalars("train/grad_norm")] == pytest.approx([h["gradNorm"] for h in history], rel=1e-6)
+    assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_s"))
+    assert acc.Scalars("train/learning_rate")[0].value == pytest.approx(history[0]["lr"])
     assert metrics["data"]["formats"] == ["zeroShotCot", "zeroShotDirect"]
     # Only the newest checkpoint is kept.
     complete = [o for o in (out / checkpoint.CHECKPOINTS_DIR).rglob(checkpoint.COMPLETE_MARKER)]

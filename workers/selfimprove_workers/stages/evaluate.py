@@ -11,7 +11,8 @@ round is compared with.
 
 Outputs: `predictions.jsonl` (and `seed_predictions.jsonl`), one row per example:
 `{"id", "question", "output", "prediction", "gold", "correct"}` — the augment stage reads the
-seed predictions to find the examples the student got wrong. Summary metrics: accuracy, correct,
+seed predictions to find the examples the student got wrong. The accuracy also goes to the run's
+`tensorboard/evaluate/` as a TensorBoard event (step = round; `training/events.py`). Summary metrics: accuracy, correct,
 total (and seedAccuracy, seedCorrect, seedTotal).
 """
 
@@ -104,7 +105,21 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
         "generationSeconds": round(seconds, 3),
         "outputTokensPerSecond": round(generated / seconds, 2) if seconds > 0 else None,
     }
+    _eval_events(ctx, metrics)
     return StageOutcome(metrics=metrics, outputs=outs, details=details)
+
+
+def _eval_events(ctx: StageContext, metrics: dict[str, Any]) -> None:
+    """This round's accuracy as a TensorBoard event file in the run's `tensorboard/evaluate/`
+    (`training/events.py`): one curve across rounds under `tensorboard --logdir <run>`."""
+    from ..training import events
+
+    run = events.run_prefix_of(ctx.task.output, ctx.task.round)
+    if run is None:
+        ctx.log.info(f"{ctx.task.output} is not a round's prefix: no TensorBoard event file")
+        return
+    local = events.write_eval_events(ctx.workdir, ctx.task.round, metrics)
+    ctx.storage.upload_file(local, f"{run.rstrip('/')}/{events.EVAL_DIR}/{events.eval_event_name(ctx.task.round)}")
 
 
 def _labeled(ctx: StageContext, uri: str, limit: int | None, field: str) -> list[Example]:

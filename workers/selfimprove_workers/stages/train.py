@@ -11,7 +11,8 @@ finding) or continues the previous round's (`from: previous`, `model.adapter`, l
 a round with no previous adapter starts fresh).
 
 Outputs: `adapter/` (peft format: vLLM's LoRARequest and peft load it), `metrics.json` (loss,
-learning rate, tokens and the batch fingerprint of every step, per-epoch throughput). Summary
+learning rate, grad norm, tokens, wall time and the batch fingerprint of every step, per-epoch
+throughput), `tensorboard/` (the same curves as TensorBoard event files, `training/events.py`). Summary
 metrics: trainLoss, initialLoss, steps, examples, epochs, tokensPerSecond.
 
 Preemption: a checkpoint is written to `<output>/_checkpoints/epoch-N/` after every epoch; a
@@ -38,8 +39,9 @@ from typing import Any
 from ..contract import OutputName
 from ..errors import BadInput
 from ..runtime import StageContext, StageOutcome
-from ..training import checkpoint
+from ..training import checkpoint, events
 from ..training.data import encode_examples, load_exemplars, load_training_rows, resolve_formats
+from ..training.events import write_train_events
 
 PROCESSES_ENV = "SELFIMPROVE_TRAIN_PROCESSES"
 METRICS = "metrics.json"
@@ -107,11 +109,14 @@ def run(ctx: StageContext) -> StageOutcome:
     assert outcome is not None
 
     out = Path(job.out_dir)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    write_train_events(out / events.TRAIN_DIR, history)
     ctx.writer.upload_dir(OutputName.ADAPTER.rstrip("/"), out / "adapter")
     ctx.writer.upload_file(METRICS, out / "metrics.json")
+    ctx.writer.upload_dir(events.TRAIN_DIR, out / events.TRAIN_DIR)
     return StageOutcome(
         metrics=outcome["metrics"],
-        outputs={"adapter": OutputName.ADAPTER, "metrics": METRICS},
+        outputs={"adapter": OutputName.ADAPTER, "metrics": METRICS, "tensorboard": events.TRAIN_DIR + "/"},
         details=outcome["details"],
     )
 

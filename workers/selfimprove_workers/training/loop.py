@@ -288,6 +288,7 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
         norms: list[torch.Tensor] = []
         records: list[dict[str, Any]] = []
         epoch_tokens = 0
+        step_start = t0
         for first in range(0, len(batches), accum):
             group = batches[first:first + accum]
             answer_tokens = int(sum(int(answer_lengths[b].sum()) for b in group))
@@ -315,8 +316,13 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
             step += 1
             epoch_tokens += step_tokens
             losses.append(total / answer_tokens)
+            # Wall time between optimizer steps (on a GPU, queued kernels make one step's time
+            # noisy; their sum is the epoch's): TensorBoard's tokens/s per step.
+            now = time.perf_counter()
             records.append({"step": step, "epoch": epoch + 1, "lr": lr, "tokens": step_tokens,
-                            "answerTokens": answer_tokens, "batch": batch_digest(group)})
+                            "answerTokens": answer_tokens, "batch": batch_digest(group),
+                            "seconds": round(now - step_start, 6)})
+            step_start = now
             if step % log_every == 0 or step == total_steps:
                 # Collective on every process at the same steps (the condition is global).
                 shown = acc.reduce(losses[-1].clone(), reduction="sum").item()
