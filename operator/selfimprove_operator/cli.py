@@ -99,6 +99,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from .report import ReportError, build_report
+    except ImportError as exc:  # pragma: no cover - the `report` extra missing
+        print(f"selfimprove report needs matplotlib (pip install 'selfimprove[report]'): {exc}", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("selfimprove report needs matplotlib: pip install 'selfimprove[report]'", file=sys.stderr)
+        return 2
+    try:
+        page, data = build_report(args.run, storage=args.storage, labels=args.labels, endpoint=args.endpoint)
+    except ReportError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    out = Path(args.output or f"{data.name}-report.html")
+    out.write_text(page, encoding="utf-8")
+    print(f"wrote {out} ({len(data.rounds)} rounds{', calibration from ' + str(data.labels_source) if data.labels else ''})")
+    return 0
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -151,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--storage", help="the storage the run used (default ./runs)")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("report", help="write one self-contained HTML report of a run (plots, calibration, examples)")
+    p.add_argument("run", metavar="RUN", help="a run directory (./runs/local/NAME), an s3:// or file:// run prefix, or a manifest")
+    p.add_argument("-o", "--output", help="the HTML file to write (default ./<run>-report.html)")
+    p.add_argument("--storage", help="with a manifest: the storage the run used (default ./runs)")
+    p.add_argument("--labels", metavar="FILE", help="labeled JSONL of the sampled questions, for the calibration plot "
+                   "(default with a manifest: the questions' own answers or <questions>.answers.jsonl)")
+    p.add_argument("--endpoint", help="S3 endpoint URL (MinIO, Ceph, …) of an s3:// run prefix")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "operator",

@@ -83,4 +83,26 @@ def run_demo(seed: int, *, storage: str, cache: Path, manifest: Path) -> int:
     print(f"held-out greedy accuracy: round 0 {first.accuracy:.1%} → round {last.round} {last.accuracy:.1%} "
           f"({(last.accuracy - first.accuracy) * 100:+.1f} points), no labels used after the warm-start; "
           f"{time.monotonic() - t0:.0f}s in all")
+    write_report(status.artifacts, cache / f"seed-{seed}" / "data" / "unlabeled.answers.jsonl")
     return 0
+
+
+def write_report(artifacts: str | None, labels: Path) -> Path | None:
+    """The run's HTML report (`selfimprove report`) beside its artifacts, with the calibration
+    plot from the demo's answer key; skipped (with a hint) without the `report` extra."""
+    if not artifacts or not artifacts.startswith("file://"):
+        return None
+    try:
+        import matplotlib  # noqa: F401
+
+        from .report import build_report
+    except ImportError:
+        print("for the HTML report: pip install 'selfimprove[report]', then `selfimprove report <run directory>`")
+        return None
+    from urllib.parse import unquote, urlparse
+
+    page, _ = build_report(artifacts, labels=str(labels) if labels.is_file() else None)
+    out = Path(unquote(urlparse(artifacts).path)) / "report.html"
+    out.write_text(page, encoding="utf-8")
+    print(f"report: {out}")
+    return out

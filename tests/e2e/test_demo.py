@@ -59,10 +59,14 @@ def test_fixed_order_and_distinct_terms():
 def test_splits_are_disjoint_unlabeled_has_no_answers_and_dev_leaves_others_unchanged(tmp_path):
     a = write_splits(tmp_path / "a", seed=3, n_warm=50, n_unlabeled=40, n_eval=30)
     b = write_splits(tmp_path / "b", seed=3, n_warm=50, n_unlabeled=40, n_eval=30, n_dev=20)
-    assert set(a) == {"warmstart", "unlabeled", "eval"} and set(b) == set(a) | {"dev"}
+    assert set(a) == {"warmstart", "unlabeled", "unlabeled.answers", "eval"} and set(b) == set(a) | {"dev"}
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes()
     rows = {name: read_jsonl(path) for name, path in b.items()}
+    # The answer key (for the report's calibration plot only) answers exactly the unlabeled questions.
+    key = rows.pop("unlabeled.answers")
+    assert [(k["id"], k["question"]) for k in key] == [(r["id"], r["question"]) for r in rows["unlabeled"]]
+    assert all(parse_answer(k["answer"]) == str(sum(map(int, re.findall(r"\d+", k["question"])))) for k in key)
     assert [len(rows[n]) for n in ("warmstart", "unlabeled", "eval", "dev")] == [50, 40, 30, 20]
     assert all(set(r) == {"id", "question"} for r in rows["unlabeled"])
     assert all(parse_answer(r["answer"]) for n in ("warmstart", "eval", "dev") for r in rows[n])

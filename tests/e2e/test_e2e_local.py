@@ -120,3 +120,54 @@ def test_shortened_demo_killed_during_training_resumes(tmp_path, tiny_model_dir)
     assert table.returncode == 0
     for header in ("samples", "kept", "mean conf", "train loss", "accuracy", "★ best"):
         assert header in table.stdout
+
+    # TensorBoard's own reader: the training curves next to the adapter, and one accuracy curve
+    # across rounds (tensorboard --logdir <run directory> shows both).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = json.loads((run_dir / "round-001/train/metrics.json").read_text())["history"]
+    train_events = EventAccumulator(str(run_dir / "round-001/train/tensorboard"))
+    train_events.Reload()
+    assert [e.step for e in train_events.Scalars("train/loss")] == [h["step"] for h in history]
+    assert {"train/learning_rate", "train/grad_norm", "train/tokens_per_s"} <= set(train_events.Tags()["scalars"])
+    eval_events = EventAccumulator(str(run_dir / "tensorboard/evaluate"))
+    eval_events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in eval_events.Scalars("eval/accuracy")] == \
+        [(r["round"], round(r["accuracy"], 6)) for r in status["rounds"]]
+
+    # The report of this run, from its manifest: one self-contained page.
+    report_file = tmp_path / "report.html"
+    done = subprocess.run([sys.executable, "-m", "selfimprove_operator.cli", "report", str(manifest), "--storage", str(storage),
+                           "-o", str(report_file)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "calibration from" in done.stdout and "unlabeled.answers.jsonl" in done.stdout  # the demo data's answer key
+    check_report(report_file.read_text(), status)
+
+
+def check_report(page: str, status: dict) -> None:
+    """What `selfimprove report` must show of a finished run (also used on the demo's report)."""
+    import base64
+    import re
+
+    # Self-contained: no script, stylesheet or image fetched from anywhere.
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page), "the report must load nothing"
+    assert "<script" not in page
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert [alt for alt, _ in images] == ["held-out accuracy per round", "kept samples and mean confidence", "calibration",
+                                          "training loss per step"]
+    assert all(base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n" for _, b64 in images)
+    # The rounds table: every round's accuracy and kept count as the status has them; the best marked.
+    rounds = re.search(r'<table id="rounds">(.*?)</table>', page, re.S).group(1)
+    for r in status["rounds"]:
+        assert f'<td class="num">{r["accuracy"]:.1%}</td>' in rounds
+        if r.get("kept") is not None:
+            assert f'<td class="num">{r["kept"]}</td>' in rounds
+    best_row = re.search(r'<tr class="best">(.*?)</tr>', rounds).group(1)
+    assert best_row.startswith(f'<td class="num">{status["bestRound"]}</td>') and "★ best" in best_row
+    # Calibration: every sampled question of every round counted in one confidence bin.
+    cal = re.search(r'<table id="calibration">(.*?)</table>', page, re.S).group(1)
+    counts = [int(n) for n in re.findall(r'<td class="num">(\d+)', cal)]
+    sampled = sum(r.get("questions") or 0 for r in status["rounds"])
+    assert sum(counts) == sampled > 0
+    # Examples: kept paths of the last round's filter.
+    assert '<td class="kept">kept</td>' in page

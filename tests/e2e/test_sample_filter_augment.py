@@ -100,6 +100,14 @@ def check_filter(out: Path, summary: dict[str, Any], kinds: list[str]) -> list[d
     assert all(a["out"] == b["in"] and b["out"] <= b["in"] for a, b in zip(steps, steps[1:]))
     for row in kept:  # the train stage reads every row
         training_row(row, "kept.jsonl")
+    # Examples of what each filter dropped (for `selfimprove report`): that filter's, never a kept path.
+    from selfimprove_workers.stages.filter import REJECTED_EXAMPLES
+
+    rejected = read_jsonl(out / "rejected.jsonl")
+    for i, step in enumerate(steps):
+        mine = [r for r in rejected if r["filterIndex"] == i]
+        assert len(mine) == min(step["in"] - step["out"], REJECTED_EXAMPLES) and {r["rejectedBy"] for r in mine} <= {step["kind"]}
+    assert not {r["id"] for r in rejected} & {r["id"] for r in kept}
     return steps
 
 

@@ -30,6 +30,7 @@ class OutputName:
     SAMPLES = "samples.jsonl"
     VOTES = "votes.jsonl"
     KEPT = "kept.jsonl"
+    REJECTED = "rejected.jsonl"
     ADAPTER = "adapter/"
     PREDICTIONS = "predictions.jsonl"
     SEED_PREDICTIONS = "seed_predictions.jsonl"

@@ -76,7 +76,7 @@ register_stage(StageKind(
 register_stage(StageKind(
     name="filter", phase="Filtering", module="selfimprove_workers.stages.filter",
     inputs=("samples", "votes"), sections=("filters",),
-    outputs={"kept": OutputName.KEPT},
+    outputs={"kept": OutputName.KEPT, "rejected": OutputName.REJECTED},
     round_metrics={MetricKey.KEPT: ("kept", "int")},
     description="The run's filters, in order, select the training data.",
 ))

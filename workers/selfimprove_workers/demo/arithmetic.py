@@ -124,7 +124,8 @@ def write_splits(out_dir: str | Path, seed: int, n_warm: int, n_unlabeled: int, 
     `eval.jsonl` so that the held-out accuracy the demo reports never steered training.
 
     Labeled rows are `{"id", "question", "answer"}`; unlabeled rows are `{"id", "question"}` only,
-    so nothing downstream can peek at an answer key (LMSI must label them by voting alone).
+    so nothing downstream can peek at an answer key (LMSI must label them by voting alone); their
+    answers go to `unlabeled.answers.jsonl`, which only the report reads (calibration).
     Questions are unique across all splits, so evaluation never sees a question trained on.
     """
     rng = random.Random(f"selfimprove-demo-arith-{seed}")
@@ -132,6 +133,7 @@ def write_splits(out_dir: str | Path, seed: int, n_warm: int, n_unlabeled: int, 
     out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     splits: dict[str, list[dict[str, Any]]] = {}
+    key: list[dict[str, Any]] = []
     # dev comes last so that adding it leaves the other splits of a seed unchanged.
     for name, count in (("warmstart", n_warm), ("unlabeled", n_unlabeled), ("eval", n_eval),
                         ("dev", n_dev)):
@@ -146,8 +148,13 @@ def write_splits(out_dir: str | Path, seed: int, n_warm: int, n_unlabeled: int, 
             row = {"id": f"{name}-{len(rows):05d}", "question": p["question"]}
             if name != "unlabeled":
                 row["answer"] = p["answer"]
+            else:
+                key.append({"id": row["id"], "question": p["question"], "answer": p["answer"]})
             rows.append(row)
         splits[name] = rows
+    # The unlabeled questions' answer key, in its own file that no stage reads: only for
+    # analysis (`selfimprove report --labels`: LMSI's calibration plot of the sampled votes).
+    splits["unlabeled.answers"] = key
     paths = {}
     for name, rows in splits.items():
         paths[name] = out / f"{name}.jsonl"

@@ -20,8 +20,10 @@ one kept:
 
 Output `kept.jsonl` is in the training shape: `{"id", "question", "cot", "answer", ...}` with
 cot = the path's text and answer = its question's majority answer, plus the path's provenance
-and every score a filter computed. Metrics: candidates, kept, keptQuestions; details list each
-filter's count in and out.
+and every score a filter computed. `rejected.jsonl` holds examples of the candidates each filter dropped
+(the first REJECTED_EXAMPLES per filter), in the same shape plus `rejectedBy` (the filter's kind)
+and `filterIndex`, for `selfimprove report`.
+Metrics: candidates, kept, keptQuestions; details list each filter's count in and out.
 
 Engines load only for the filters that need one, one model at a time.
 """
@@ -56,6 +58,10 @@ from ..spec import (
 from ..storage import display_name, json_type_name, read_jsonl
 
 KEPT = OutputName.KEPT
+REJECTED = OutputName.REJECTED
+# Examples of what each filter dropped, for a person to look at (`selfimprove report`): the first
+# this many per filter, not all (samples.jsonl already holds every path).
+REJECTED_EXAMPLES = 200
 # The format IWSI's losses are computed in: the zero-shot CoT training format, i.e. exactly the
 # (prompt, target) pair the train stage optimizes, with no exemplars in the context.
 DS_FORMAT: PromptFormat = "zeroShotCot"
@@ -347,11 +353,16 @@ def run(ctx: StageContext) -> StageOutcome:
     pool = EnginePool(ctx, lora_for_base="self" in kinds and task.model.adapter is not None)
     fr = FilterRun(ctx, pool, validation)
     steps: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
     try:
         for i, f in enumerate(task.filters):
             t0 = time.perf_counter()
             before = len(cands)
+            given = cands
             cands, info = FILTERS[f.kind].load()(fr, cands, f.params)
+            kept_now = {id(c) for c in cands}
+            dropped = [c for c in given if id(c) not in kept_now]
+            rejected.extend({**c.row(), "rejectedBy": f.kind, "filterIndex": i} for c in dropped[:REJECTED_EXAMPLES])
             steps.append({"kind": f.kind, "in": before, "out": len(cands),
                           "seconds": round(time.perf_counter() - t0, 3), **info})
             ctx.log.info(f"filter {f.kind}: {before} → {len(cands)}")
@@ -360,13 +371,14 @@ def run(ctx: StageContext) -> StageOutcome:
         pool.close()
 
     ctx.writer.write_jsonl(KEPT, (c.row() for c in cands))
+    ctx.writer.write_jsonl(REJECTED, rejected)
     kept_questions = len({c.id for c in cands})
     metrics: dict[str, Any] = {"candidates": n_candidates, "kept": len(cands), "keptQuestions": kept_questions}
     if cands:
         metrics["meanConfidence"] = round(sum(c.confidence for c in cands) / len(cands), 6)
     return StageOutcome(
         metrics=metrics,
-        outputs={"kept": KEPT},
+        outputs={"kept": KEPT, "rejected": REJECTED},
         details={"filters": steps, "questions": len(votes), "pathsWithoutMajority": no_majority,
                  "engineLoads": pool.loads},
     )
