@@ -22,6 +22,8 @@ SCENARIOS: dict[str, dict] = {
     },
     "cluster-rbac-some-namespaces": {"watchNamespaces": ["team-a"], "operator": {"standby": {"enabled": True}}},
     "servicemonitor": {"operator": {"metrics": {"port": 9090, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}},
+    "grafana-dashboard": {"operator": {"metrics": {"grafanaDashboard": {
+        "enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "selfimprove"}}}}},
     "custom-gpu": {
         "worker": {
             "gpu": {"resourceName": "amd.com/gpu", "count": 2},

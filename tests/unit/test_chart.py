@@ -45,6 +45,7 @@ def require(condition: bool, reason: str) -> None:
 KINDS = {
     ("v1", "ServiceAccount"): ("V1ServiceAccount", True),
     ("v1", "Service"): ("V1Service", True),
+    ("v1", "ConfigMap"): ("V1ConfigMap", True),
     ("apps/v1", "Deployment"): ("V1Deployment", True),
     ("rbac.authorization.k8s.io/v1", "ClusterRole"): ("V1ClusterRole", False),
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): ("V1ClusterRoleBinding", False),
@@ -321,6 +322,45 @@ def test_service_and_servicemonitor_select_the_operator(scenario):
         assert mon["metadata"]["labels"]["release"] == "prom"
 
 
+def _metric_samples() -> set[str]:
+    """Every sample name the operator's registry can expose (k8s/metrics.py), labelled or not."""
+    from selfimprove_operator.k8s.metrics import Metrics
+
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                "gauge": ("",), "summary": ("", "_count", "_sum", "_created")}
+    return {fam.name + sfx for fam in Metrics(lambda: []).registry.collect() for sfx in suffixes[fam.type]}
+
+
+def test_grafana_dashboard_is_off_by_default_and_uses_only_real_metrics(scenario):
+    name, values, docs = scenario
+    maps = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    wanted = values.get("operator", {}).get("metrics", {}).get("grafanaDashboard", {})
+    if not wanted.get("enabled"):
+        assert not maps, f"{name}: the dashboard is off by default"
+        return
+    (cm,) = maps
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's conventional label
+    assert cm["metadata"]["namespace"] == wanted.get("namespace", NAMESPACE)
+    assert cm["metadata"]["annotations"] == wanted.get("annotations", {})
+    (text,) = cm["data"].values()
+    dash = json.loads(text)
+    assert text == (CHART / "dashboards" / "selfimprove-operator.json").read_text().rstrip("\n")
+    assert dash["uid"] and dash["title"] and dash["panels"]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v.get("definition")]
+    used = {m for e in exprs for m in re.findall(r"\bselfimprove_[a-z_]+", e)}
+    known = _metric_samples()
+    assert used and used <= known, f"the dashboard queries metrics the operator does not expose: {sorted(used - known)}"
+    # every metric of the operator is on the dashboard somewhere
+    bases = {re.sub(r"_(total|bucket|count|sum|created)$", "", m) for m in used}
+    from selfimprove_operator.k8s.metrics import Metrics
+
+    assert {fam.name for fam in Metrics(lambda: []).registry.collect()} <= bases
+    for p in dash["panels"]:
+        assert p["datasource"]["uid"] == "${datasource}" and all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"])
+
+
 def test_servicemonitor_without_service_fails(chart):
     with pytest.raises(helm.HelmError, match="serviceMonitor"):
         chart.render({"operator": {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}},
@@ -518,6 +558,9 @@ BAD_VALUES = {
     "stage uid root": {"worker": {"runAsUser": 0}},
     "cache path": {"worker": {"modelCache": {"claimName": "models", "mountPath": "cache"}}},
     "node selector value": {"worker": {"nodeSelector": {"gpu": 1}}},
+    "dashboard flag": {"operator": {"metrics": {"grafanaDashboard": {"enabled": "true"}}}},
+    "dashboard label value": {"operator": {"metrics": {"grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": 1}}}}},
+    "dashboard namespace": {"operator": {"metrics": {"grafanaDashboard": {"namespace": "Monitoring"}}}},
 }
 
 
