@@ -208,3 +208,33 @@ def test_accuracy_per_round_is_one_tensorboard_curve_of_the_run(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("eval/accuracy")] == [(r, pytest.approx(0.6)) for r in (0, 1, 2)]
     assert [e.step for e in acc.Scalars("eval/seed_accuracy")] == [0, 1, 2]
+
+
+def test_tensorboard_reads_the_accuracy_curve_straight_from_s3(tmp_path, s3_server, s3_bucket):
+    """`tensorboard --logdir s3://…/runs/<run>/` for a cluster run: TensorBoard's own reader (its
+    boto3 file system; S3_ENDPOINT for MinIO-like endpoints) finds what the stages wrote."""
+    import os
+    import subprocess
+    import sys
+
+    from selfimprove_workers.contract import StorageRef
+
+    engine = StubEngine({q: out for q, (out, _, _) in OUTPUTS.items()})
+    run = f"{s3_bucket}/runs/default/t-0123abcd"
+    for round_ in (0, 1):
+        task = eval_task(tmp_path, round_=round_).model_copy(update={
+            "output": f"{run}/round-{round_:03d}/evaluate/", "storage": StorageRef(endpoint=s3_server.endpoint)})
+        assert run_task(task, stage_fn=partial(evaluate, engine=engine)).status == "Succeeded"
+    # In a fresh process, as `tensorboard` runs: its S3 file system reads S3_ENDPOINT when imported.
+    reader = (
+        "import json, sys\n"
+        "from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n"
+        "acc = EventAccumulator(sys.argv[1]); acc.Reload()\n"
+        "print(json.dumps([[e.step, e.value] for e in acc.Scalars('eval/accuracy')]))\n"
+    )
+    env = {**os.environ, **s3_server.env, "S3_ENDPOINT": s3_server.endpoint}
+    env.pop("AWS_ENDPOINT_URL_S3")  # S3_ENDPOINT alone, as a TensorBoard user would set it
+    done = subprocess.run([sys.executable, "-c", reader, f"{run}/tensorboard/evaluate"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(step, round(value, 6)) for step, value in json.loads(done.stdout)] == [(0, 0.6), (1, 0.6)]
