@@ -60,7 +60,8 @@ def setup(level: str | None = None) -> None:
 
 # At most one progress line per this many seconds and count (the first and the last always go
 # out): the operator reads the log's tail, so a line per token would only push records out of it.
-PROGRESS_INTERVAL_ENV = "SELFIMPROVE_PROGRESS_INTERVAL"
+# (Not SELFIMPROVE_PROGRESS_INTERVAL: that is the operator's setting, how often it reads the log.)
+PROGRESS_INTERVAL_ENV = "SELFIMPROVE_PROGRESS_LOG_SECONDS"
 DEFAULT_PROGRESS_INTERVAL = 2.0
 
 
