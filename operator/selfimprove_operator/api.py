@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from selfimprove_workers.spec import (
     AugmentSpec,
     EngineSpec,
@@ -118,6 +118,32 @@ class ModelCacheSpec(WireModel):
     mount_path: str = Field("/cache", description="Where the cache is mounted in worker pods.")
 
 
+class StageResourcesSpec(WireModel):
+    """One stage's overrides of `spec.resources`: every field left out is the run's."""
+
+    gpus: int | None = Field(None, ge=0, le=64, description="Accelerators of this stage's Jobs; default: the run's.")
+    gpu_resource_name: str | None = Field(None, description="Extended resource requested for them; default: the run's.")
+    cpu: str | None = Field(None, description="CPU request of this stage's pods; default: the run's.")
+    memory: str | None = Field(None, description="Memory request and limit of this stage's pods; default: the run's.")
+    image: str | None = Field(None, description="Worker image of this stage; default: the run's.")
+    node_selector: dict[str, str] | None = Field(
+        None, description="Node labels this stage's pods require; replaces (does not merge with) the run's.")
+    tolerations: list[Toleration] | None = Field(
+        None, description="Taints this stage's pods tolerate; replaces (does not extend) the run's.")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity of this stage; replaces the run's.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of this stage's pods; default: the run's.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Deadline of this stage's Jobs; default: the run's.")
+
+
+# One optional entry per registered stage kind: an unknown stage name is an unknown field, which
+# the model (and `kubectl apply`, the CRD being structural) rejects with its path.
+_STAGE_OVERRIDES: dict[str, Any] = {
+    name: (StageResourcesSpec | None, Field(None, description=f"Overrides for the {name} stage's Jobs."))
+    for name in stage_names()
+}
+StageResourcesByStage = create_model("StageResourcesByStage", __base__=WireModel, **_STAGE_OVERRIDES)
+
+
 class ResourcesSpec(WireModel):
     gpus: int | None = Field(
         None, ge=0, le=64,
@@ -145,6 +171,22 @@ class ResourcesSpec(WireModel):
         3600, ge=0, description="Finished Jobs are deleted after this long (their results are in status)."
     )
     model_cache: ModelCacheSpec | None = Field(None, description="Optional volume caching model weights.")
+    stages: StageResourcesByStage | None = Field(  # type: ignore[valid-type]
+        None,
+        description="Per-stage overrides (sample, filter, train, evaluate, augment) of gpus, gpuResourceName, cpu, "
+        "memory, image, nodeSelector, tolerations, affinity, priorityClassName and activeDeadlineSeconds, each "
+        "defaulting to the run's value above: e.g. a large teacher's sample stage on 8 GPUs, the student's "
+        "train and evaluate on 1.",
+    )
+
+    def for_stage(self, stage: str) -> "ResourcesSpec":
+        """The resources of `stage`'s Jobs: the run's, with the stage's overrides field by field
+        (`stages` itself dropped). Pure; the planner and the Job builder both call it."""
+        override = getattr(self.stages, stage, None) if self.stages is not None else None
+        changes: dict[str, Any] = {"stages": None}
+        if override is not None:
+            changes.update({k: getattr(override, k) for k in override.model_fields_set if getattr(override, k) is not None})
+        return self.model_copy(update=changes)
 
 
 class StorageSpec(WireModel):

@@ -196,7 +196,7 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         model=ModelRef(base=spec.model.base, adapter=adapter, teacher=spec.model.teacher,
                        judge=next((m for f in spec.filters or [] if (m := getattr(f.get("judge"), "model", None))), None)),
         engine=spec.engine,
-        gpus=spec.resources.gpus or 0,
+        gpus=spec.resources.for_stage(stage).gpus or 0,
         inputs=inputs,
         prompting=spec.task,
         **sections,

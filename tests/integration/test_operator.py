@@ -123,6 +123,24 @@ async def test_full_lmsi_run_reaches_succeeded(k8s, cluster, start_operator, s3_
     assert "selfimprove_reconcile_errors_total 0.0" in text
 
 
+async def test_each_stage_job_gets_its_stages_resources(k8s, cluster, start_operator):
+    """`spec.resources.stages`: through the CRD (stored, not pruned) to each stage's Job."""
+    await start_operator()
+    await k8s.create_object(RUNS, "default", run_manifest("staged", rounds={"max": 1, "patience": 0}, resources={
+        "gpus": 1, "nodeSelector": {"pool": "l4"},
+        "stages": {"sample": {"gpus": 4, "nodeSelector": {"pool": "h200"}}, "filter": {"gpus": 0}}}))
+    await k8s.wait_for(phase_is(k8s, "staged", "Succeeded"), what="the run to succeed")
+    got = {}
+    for job in k8s.jobs("staged"):
+        pod = job["spec"]["template"]["spec"]
+        limits = pod["containers"][0].get("resources", {}).get("limits", {})
+        task = json.loads(pod["containers"][0]["args"][0])
+        got[job["metadata"]["name"]] = (limits.get("nvidia.com/gpu"), task["gpus"], pod["nodeSelector"]["pool"])
+    assert got == {"staged-r0-evaluate": ("1", 1, "l4"), "staged-r1-sample": ("4", 4, "h200"),
+                   "staged-r1-filter": (None, 0, "l4"), "staged-r1-train": ("1", 1, "l4"),
+                   "staged-r1-evaluate": ("1", 1, "l4")}
+
+
 async def test_secret_values_never_appear_in_status_events_or_logs(k8s, cluster, start_operator, caplog):
     caplog.set_level(logging.DEBUG, logger="selfimprove")
     caplog.set_level(logging.DEBUG, logger="kopf")

@@ -120,6 +120,14 @@ JOB_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "storage-from-operator": ({}, {"secretRef": None}, {"storage_secret": "minio", "storage_endpoint": "http://minio:9000",
                                                         "storage_region": "eu-west-1"}),
     "security-settings": ({}, {}, {"run_as_user": 1000, "termination_grace_seconds": 0}),
+    # A big teacher's stages on 8 GPUs of their own pool, the student's train / evaluate on 1 or 0.
+    "per-stage": ({"gpus": 1, "memory": "32Gi", "nodeSelector": {"pool": "l4"}, "stages": {
+        "sample": {"gpus": 8, "memory": "900Gi", "cpu": "64", "nodeSelector": {"pool": "h200"},
+                   "tolerations": TOLERATIONS[:1], "image": "my/worker:vllm"},
+        "augment": {"gpus": 8, "gpuResourceName": "nvidia.com/mig-7g.80gb", "nodeSelector": {"pool": "h200"},
+                    "affinity": NODE_AFFINITY, "priorityClassName": "batch-high", "activeDeadlineSeconds": 3600},
+        "filter": {"gpus": 0, "memory": "8Gi", "nodeSelector": {}},
+        "evaluate": {"gpus": 2}}}, {}, {}),
     "everything": ({"gpus": 4, "gpuResourceName": "nvidia.com/mig-3g.40gb", "cpu": "16", "memory": "200Gi",
                     "image": "my/worker:2", "serviceAccountName": "trainer", "nodeSelector": {"pool": "h100"},
                     "tolerations": TOLERATIONS, "affinity": NODE_AFFINITY, "priorityClassName": "batch-low",
@@ -182,6 +190,25 @@ def test_the_job_cases_cover_every_stage_and_setting():
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pods["shm-size-limit"]["volumes"]
     assert not any("valueFrom" in e for e in pods["no-credentials"]["containers"][0]["env"])
     assert any("valueFrom" in e for e in pods["storage-from-operator"]["containers"][0]["env"])
+
+
+def test_one_run_gives_each_stage_its_own_resources():
+    """`per-stage`: the GPUs, memory, pool, image and deadline of each stage's Jobs are its own."""
+    by_stage: dict[str, set] = {}
+    for _, job in jobs_of("per-stage"):
+        pod = job["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        gpus = {k: v for k, v in c.get("resources", {}).get("limits", {}).items() if k != "memory"}
+        by_stage.setdefault(job["metadata"]["labels"]["selfimprove.dev/stage"], set()).add((
+            tuple(sorted(gpus.items())), c["resources"]["limits"]["memory"], pod.get("nodeSelector", {}).get("pool"),
+            c["image"].endswith("my/worker:vllm"), job["spec"].get("activeDeadlineSeconds")))
+    assert by_stage == {
+        "sample": {((("nvidia.com/gpu", "8"),), "900Gi", "h200", True, None)},
+        "augment": {((("nvidia.com/mig-7g.80gb", "8"),), "32Gi", "h200", False, 3600)},
+        "filter": {((), "8Gi", None, False, None)},
+        "train": {((("nvidia.com/gpu", "1"),), "32Gi", "l4", False, None)},
+        "evaluate": {((("nvidia.com/gpu", "2"),), "32Gi", "l4", False, None)},
+    }
 
 
 @pytest.mark.parametrize("case", list(JOB_CASES))

@@ -64,9 +64,10 @@ def job_labels(run_name: str, start: StartStage) -> dict[str, str]:
 
 def build_job(run: Mapping[str, Any], spec: SelfImproveRunSpec, start: StartStage, config: OperatorConfig) -> dict[str, Any]:
     """The Job manifest of `start` for the run object `run` (its metadata: name, namespace, uid).
-    `spec` is the run's spec (not preset-resolved: resources have no presets)."""
+    `spec` is the run's spec (not preset-resolved: resources have no presets). The stage's
+    `spec.resources.stages.<stage>` overrides the run's resources field by field."""
     meta = run["metadata"]
-    res = spec.resources
+    res = spec.resources.for_stage(start.stage)
     labels = job_labels(meta["name"], start)
 
     gpu_name = res.gpu_resource_name or config.gpu_resource_name
