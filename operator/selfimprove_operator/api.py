@@ -52,7 +52,7 @@ else:
     Phase = Literal[("Pending", *phases(), "Succeeded", "Failed", "Suspended")]
     StageNameLiteral = Literal[stage_names()]
 STAGE_PHASE: dict[str, str] = {name: kind.phase for name, kind in STAGES.items()}
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded", "Failed", "Suspended", "ValidationSelection")
 
 
 # =========================================================================== spec
@@ -72,7 +72,10 @@ class DataSpec(WireModel):
     )
     seed: Uri | None = Field(None, description="Labeled seed set (JSONL with `question`, `answer`) for LLM2LLM.")
     validation: Uri | None = Field(
-        None, description="Small labeled set IWSI measures distribution shift against."
+        None, description="Small labeled validation split (JSONL): the best round, rounds.patience and "
+        "rounds.targetAccuracy are judged on it, never on `evaluation`; IWSI also measures distribution "
+        "shift against it. Without it they fall back to `evaluation` and the status says so "
+        "(condition ValidationSelection False).",
     )
     evaluation: Uri = Field(
         ..., description="Labeled held-out set (JSONL) every round is evaluated on."
@@ -87,13 +90,15 @@ class RoundsSpec(WireModel):
     )
     patience: int = Field(
         1, ge=0, le=999,
-        description="Stop after this many rounds without improving the best accuracy (0: never stop early).",
+        description="Stop after this many rounds without improving the best validation accuracy "
+        "(`evaluation` accuracy without data.validation; 0: never stop early).",
     )
     min_improvement: float = Field(
         0.0, ge=0.0, le=1.0, description="Accuracy gain that counts as an improvement."
     )
     target_accuracy: Probability | None = Field(
-        None, description="Stop as soon as a round reaches this accuracy."
+        None, description="Stop as soon as a round reaches this validation accuracy (`evaluation` "
+        "accuracy without data.validation)."
     )
 
 
@@ -294,6 +299,7 @@ class RoundStatus(WireModel):
     augmented: int | None = Field(None, description="New examples written by the teacher.")
     train_loss: float | None = Field(None, description="Final training loss.")
     accuracy: float | None = Field(None, description="Accuracy on the evaluation set.")
+    validation_accuracy: float | None = Field(None, description="Accuracy on the validation split (selects the best round).")
     seed_accuracy: float | None = Field(None, description="Accuracy on the seed set (LLM2LLM).")
     adapter: str | None = Field(None, description="URI of the round's LoRA adapter.")
     start_time: str | None = Field(None, description="When the round started.")
@@ -316,12 +322,27 @@ class StageProgress(WireModel):
     summary: str = Field(..., description="One line for `kubectl get`: stage, percent, done/total, time left.")
 
 
+class InputDigest(WireModel):
+    field: str = Field(..., description="The spec field naming the file (data.questions, …).")
+    uri: str = Field(..., description="The file.")
+    digest: str = Field(..., description="sha256:… of a local file, etag:…[@version] of an S3 object.")
+
+
 class SelfImproveRunStatus(WireModel):
     phase: Phase = Field("Pending", description="Summary for humans.")
     round: int = Field(0, ge=0, description="Current round.")
     rounds: list[RoundStatus] = Field(default_factory=list, description="Every round's stages and metrics.")
-    best_round: int | None = Field(None, description="Round with the highest accuracy.")
-    best_accuracy: float | None = Field(None, description="Highest accuracy reached.")
+    best_round: int | None = Field(
+        None, description="Round with the highest accuracy on the selection split (`selectedOn`).")
+    best_accuracy: float | None = Field(None, description="The best round's accuracy on the evaluation set.")
+    best_validation_accuracy: float | None = Field(None, description="The best round's validation accuracy.")
+    selected_on: Literal["validation", "evaluation"] | None = Field(
+        None, description="The split the best round, patience and target are judged on: validation "
+        "(data.validation), or evaluation when the run has no validation split (its reported accuracy "
+        "is then optimistically biased).")
+    inputs: list[InputDigest] = Field(
+        default_factory=list, description="The run's input files and their digests when it started "
+        "(recorded by its first stage; every later stage fails with InputChanged when one differs).")
     best_adapter: str | None = Field(None, description="Adapter of the best round (none when round 0 is best).")
     artifacts: str | None = Field(None, description="Storage prefix of this run's artifacts.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded, Succeeded, Failed, Suspended.")

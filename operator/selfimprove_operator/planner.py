@@ -20,6 +20,7 @@ from typing import Any, Literal
 from selfimprove_workers.constants import EXIT_BAD_INPUT, PERMANENT_REASONS, rfc3339
 from selfimprove_workers.contract import (
     ModelRef,
+    PinnedInput,
     RunRef,
     StageName,
     StageResult,
@@ -29,7 +30,16 @@ from selfimprove_workers.contract import (
 from selfimprove_workers.log import ProgressRecord
 from selfimprove_workers.stage_registry import stage as stage_kind
 
-from .api import STAGE_PHASE, Condition, RoundStatus, SelfImproveRunSpec, SelfImproveRunStatus, StageProgress, StageStatus
+from .api import (
+    STAGE_PHASE,
+    Condition,
+    InputDigest,
+    RoundStatus,
+    SelfImproveRunSpec,
+    SelfImproveRunStatus,
+    StageProgress,
+    StageStatus,
+)
 from .presets import resolve, stages_of_round
 from .strategies import strategy
 from .wiring import WiringContext, wiring_for
@@ -38,7 +48,7 @@ __all__ = [
     "EXIT_BAD_INPUT", "PERMANENT_REASONS", "Observed", "RunIdentity", "StartStage", "SuspendStage", "Event",
     "Action", "Plan", "rfc3339", "parse_time", "immutable_digest", "run_prefix", "stage_prefix", "job_name",
     "set_condition", "condition", "is_terminal", "new_round", "build_task", "record_result", "update_best",
-    "stop_reason", "backoff_seconds", "plan",
+    "stop_reason", "backoff_seconds", "plan", "selection_score", "pinned_inputs", "record_inputs", "NO_VALIDATION",
 ]
 
 
@@ -110,6 +120,10 @@ class Plan:
     @property
     def starts(self) -> list[StartStage]:
         return [a for a in self.actions if isinstance(a, StartStage)]
+
+
+NO_VALIDATION = ("no data.validation: the best round, patience and target are judged on data.evaluation, the set "
+                 "whose accuracy is reported, so that accuracy is optimistically biased; add a validation split")
 
 
 # =========================================================================== helpers
@@ -199,8 +213,29 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         gpus=spec.resources.for_stage(stage).gpus or 0,
         inputs=inputs,
         prompting=spec.task,
+        pinned=pinned_inputs(spec, status),
         **sections,
     )
+
+
+def pinned_inputs(spec: SelfImproveRunSpec, status: SelfImproveRunStatus) -> list[PinnedInput]:
+    """Every `spec.data` file, with the digest recorded when the run started (none until the
+    first stage recorded them: that stage computes them)."""
+    recorded = {d.field: d for d in status.inputs}
+    pins = []
+    for name, uri in spec.data.wire().items():
+        known = recorded.get(f"data.{name}")
+        pins.append(PinnedInput(field=f"data.{name}", uri=uri,
+                                digest=known.digest if known is not None and known.uri == uri else None))
+    return pins
+
+
+def record_inputs(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, result: StageResult) -> None:
+    """The first stage's digests of the run's input files become the run's pins."""
+    if status.inputs or not result.inputs:
+        return
+    uris = {f"data.{name}": uri for name, uri in spec.data.wire().items()}
+    status.inputs = [InputDigest(field=f, uri=uris[f], digest=d) for f, d in sorted(result.inputs.items()) if f in uris]
 
 
 # =========================================================================== results
@@ -224,13 +259,21 @@ def _float(v: object) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def selection_score(status: SelfImproveRunStatus, round_status: RoundStatus) -> float | None:
+    """The accuracy a round is judged by: on the validation split when the run has one (never
+    the reported test set), else on the evaluation set."""
+    return round_status.validation_accuracy if status.selected_on == "validation" else round_status.accuracy
+
+
 def update_best(status: SelfImproveRunStatus) -> None:
-    """Best = argmax of accuracy over finished evaluations; the earliest round wins ties."""
-    scored = [r for r in status.rounds if r.accuracy is not None]
+    """Best = argmax of the selection score over finished evaluations; the earliest round wins
+    ties. `best_accuracy` is that round's evaluation accuracy (what the run reports)."""
+    scored = [(s, r) for r in status.rounds if (s := selection_score(status, r)) is not None]
     if not scored:
         return
-    best = max(scored, key=lambda r: (r.accuracy, -r.round))
+    _, best = max(scored, key=lambda sr: (sr[0], -sr[1].round))
     status.best_round, status.best_accuracy = best.round, best.accuracy
+    status.best_validation_accuracy = best.validation_accuracy
     status.best_adapter = best.adapter if best.round > 0 else None
 
 
@@ -238,17 +281,20 @@ def stop_reason(spec: SelfImproveRunSpec, status: SelfImproveRunStatus) -> tuple
     """Why the run ends after its latest complete round, or None to go on."""
     last = status.rounds[-1]
     rounds = spec.rounds
-    if rounds.target_accuracy is not None and last.accuracy is not None and last.accuracy >= rounds.target_accuracy:
-        return "TargetReached", f"round {last.round} reached accuracy {last.accuracy:.4f} ≥ target {rounds.target_accuracy}"
+    split = status.selected_on or "evaluation"
+    score = selection_score(status, last)
+    if rounds.target_accuracy is not None and score is not None and score >= rounds.target_accuracy:
+        return "TargetReached", f"round {last.round} reached {split} accuracy {score:.4f} ≥ target {rounds.target_accuracy}"
     if last.round >= (rounds.max or 0):
         return "MaxRoundsReached", f"finished round {last.round} of {rounds.max}"
     if rounds.patience > 0 and status.best_round is not None:
         # Rounds since the best one that did not beat it by min_improvement.
-        best = status.best_accuracy or 0.0
-        stale = [r for r in status.rounds if r.round > status.best_round and r.accuracy is not None
-                 and r.accuracy < best + rounds.min_improvement]
+        best_round = next(r for r in status.rounds if r.round == status.best_round)
+        best = selection_score(status, best_round) or 0.0
+        stale = [r for r in status.rounds if r.round > status.best_round and (s := selection_score(status, r)) is not None
+                 and s < best + rounds.min_improvement]
         if len(stale) >= rounds.patience and last.round > status.best_round:
-            return "NoImprovement", f"no improvement over round {status.best_round} for {len(stale)} round(s)"
+            return "NoImprovement", f"no {split} improvement over round {status.best_round} for {len(stale)} round(s)"
     return None
 
 
@@ -287,7 +333,7 @@ def stage_progress(status: SelfImproveRunStatus, observed: dict[tuple[int, str],
         same = previous is not None and (previous.round, previous.stage, previous.attempt) == (current.round, stage.name, stage.attempts)
         return previous if same else None
     eta = None if rec.eta_seconds is None else int(round(rec.eta_seconds))
-    left = f", {_duration(eta)} left" if eta is not None and rec.done < rec.total else ""
+    left = f", {duration_text(eta)} left" if eta is not None and rec.done < rec.total else ""
     return StageProgress(
         round=current.round, stage=stage.name, attempt=stage.attempts, unit=rec.unit, done=rec.done, total=rec.total,
         percent=rec.percent, estimated_remaining_seconds=eta, last_update=rec.ts,
@@ -295,7 +341,8 @@ def stage_progress(status: SelfImproveRunStatus, observed: dict[tuple[int, str],
     )
 
 
-def _duration(seconds: int) -> str:
+def duration_text(seconds: int) -> str:
+    """45s, 3m05s, 2h07m: how `kubectl get sir` and the live view show time left."""
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -323,6 +370,8 @@ def _plan(
         status.artifacts = run_prefix(spec, run)
         status.rounds = [new_round(spec.strategy, 0, now)]
         p.actions.append(Event("Normal", "Started", f"{spec.strategy} run started; artifacts under {status.artifacts}"))
+        if not spec.data.validation:
+            p.actions.append(Event("Warning", "NoValidationSet", NO_VALIDATION))
     elif status.applied_spec != digest:
         msg = "spec.strategy, spec.model and spec.data cannot change after creation; revert them or create a new run"
         set_condition(status, "Degraded", True, "ImmutableFieldChanged", msg, now, gen)
@@ -335,6 +384,14 @@ def _plan(
     elif (c := condition(status, "Degraded")) is not None and c.reason == "ImmutableFieldChanged" and c.status == "True":
         set_condition(status, "Degraded", False, "SpecRestored", "immutable fields match the run again", now, gen)
     status.observed_generation = gen
+    # The split model selection is judged on (spec.data is immutable: set on every look, so a run
+    # created before this field existed gets it too).
+    status.selected_on = "validation" if spec.data.validation else "evaluation"
+    if spec.data.validation:
+        set_condition(status, "ValidationSelection", True, "ValidationSet",
+                      "best round, patience and target are judged on data.validation; data.evaluation is only reported", now, gen)
+    else:
+        set_condition(status, "ValidationSelection", False, "NoValidationSet", NO_VALIDATION, now, gen)
 
     # ---- finished runs: only a raised rounds.max reopens one (GitOps "extend the run")
     if status.phase == "Failed":
@@ -406,6 +463,7 @@ def _advance_stage(spec, status, current: RoundStatus, stage: StageStatus, obs: 
             stage.reason = stage.message = stage.exit_code = stage.retry_after = None
             stage.progress = None
             record_result(current, stage, obs.result)
+            record_inputs(spec, status, obs.result)
             update_best(status)
             if (c := condition(status, "Degraded")) is not None and c.status == "True" and c.reason != "ImmutableFieldChanged":
                 set_condition(status, "Degraded", False, "Recovered", f"{stage.name} succeeded", now, gen)

@@ -89,7 +89,9 @@ def train(ctx: WiringContext) -> tuple[StageInputs, str | None]:
 
 @wires("evaluate")
 def evaluate(ctx: WiringContext) -> tuple[StageInputs, str | None]:
-    return StageInputs(evaluation=ctx.spec.data.evaluation), ctx.this_round_adapter if ctx.round > 0 else None
+    # Also the validation split, when there is one: the best round is picked on it.
+    return (StageInputs(evaluation=ctx.spec.data.evaluation, validation=ctx.spec.data.validation),
+            ctx.this_round_adapter if ctx.round > 0 else None)
 
 
 @wires("augment")

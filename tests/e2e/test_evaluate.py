@@ -121,6 +121,26 @@ def test_accuracy_against_hand_labeled_outputs(tmp_path):
     assert details["format"] == "zeroShotCot" and details["unanswered"] == 1
 
 
+def test_the_validation_split_is_scored_apart_in_the_same_call(tmp_path):
+    """`inputs.validation` (data.validation): scored on its own, the split the planner selects on."""
+    engine = StubEngine({q: out for q, (out, _, _) in OUTPUTS.items()})
+    task = eval_task(tmp_path, seed=True, limit=None, evaluation_rows=EVAL_ROWS[:2])
+    validation = write_jsonl(tmp_path / "validation.jsonl", [
+        {"id": "v1", "question": "What is 6 times 2?", "answer": "#### 12"},
+        {"id": "v2", "question": "What is 9 minus 9?", "answer": "#### 0"},
+        {"id": "v3", "question": "What is 1 minus 4?", "answer": "#### -3"}])
+    task = task.model_copy(update={"inputs": task.inputs.model_copy(update={"validation": str(validation)})})
+    result = run_task(task, stage_fn=partial(evaluate, engine=engine))
+    m = result.metrics
+    assert (m["accuracy"], m["seedAccuracy"]) == (0.5, 0.5)               # unchanged by the validation split
+    assert (m["validationAccuracy"], m["validationCorrect"], m["validationTotal"]) == (0.666667, 2, 3)
+    rows = read_jsonl(tmp_path / "evaluate" / "validation_predictions.jsonl")
+    assert [(r["id"], r["correct"]) for r in rows] == [("v1", True), ("v2", False), ("v3", True)]
+    assert result.outputs["validationPredictions"].endswith("validation_predictions.jsonl")
+    [(prompts, _, _)] = engine.calls
+    assert len(prompts) == 2 + 2 + 3
+
+
 def test_round_0_evaluates_the_base_model_with_few_shot_exemplars(tmp_path):
     engine = StubEngine({q: out for q, (out, _, _) in OUTPUTS.items()})
     shots = [{"question": "What is 1 plus 1?", "rationale": "1 + 1 = 2.", "answer": "2"}]

@@ -29,7 +29,7 @@ metadata: {{name: local-test}}
 spec:
   strategy: lmsi
   model: {{base: /nonexistent/model}}
-  data: {{questions: /nonexistent/q.jsonl, evaluation: /nonexistent/e.jsonl}}
+  data: {{questions: {data}/q.jsonl, evaluation: {data}/e.jsonl}}
   rounds: {{max: {rounds}, patience: 0}}
   retry: {{limit: 2, backoffSeconds: 0}}
   resources: {{gpus: 0}}
@@ -40,7 +40,10 @@ spec:
 @pytest.fixture
 def manifest(tmp_path) -> Path:
     path = tmp_path / "run.yaml"
-    path.write_text(MANIFEST.format(rounds=2))
+    # The data files exist (every stage checks the run's pinned inputs); the stand-in never reads them.
+    (tmp_path / "q.jsonl").write_text('{"question": "1+1?"}\n')
+    (tmp_path / "e.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
+    path.write_text(MANIFEST.format(rounds=2, data=tmp_path))
     return path
 
 
@@ -154,7 +157,7 @@ def test_transient_failure_is_retried(manifest, tmp_path):
 
 def test_invalid_manifest_runs_nothing(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(MANIFEST.format(rounds=0))
+    bad.write_text(MANIFEST.format(rounds=0, data=tmp_path))
     proc = cli(["run", str(bad), "--storage", str(tmp_path / "runs")])
     assert proc.returncode == 2
     assert "spec.rounds.max: must be ≥ 1" in proc.stderr

@@ -142,12 +142,14 @@ def full_status() -> dict:
     round_ = {
         "round": 1, "stages": [stage], "samples": 3200, "questions": 100, "kept": 1500,
         "meanConfidence": 0.81, "augmented": 12, "trainLoss": 0.4, "accuracy": 0.55,
-        "seedAccuracy": 0.7, "adapter": "s3://b/a/", "startTime": "2026-01-01T00:00:00Z",
+        "seedAccuracy": 0.7, "validationAccuracy": 0.6, "adapter": "s3://b/a/", "startTime": "2026-01-01T00:00:00Z",
         "completionTime": "2026-01-01T02:00:00Z",
     }
     return {
         "phase": "Training", "round": 1, "rounds": [round_], "bestRound": 1, "bestAccuracy": 0.55,
-        "bestAdapter": "s3://b/a/", "artifacts": "s3://b/runs/ns/run-abc/",
+        "bestAdapter": "s3://b/a/", "artifacts": "s3://b/runs/ns/run-abc/", "bestValidationAccuracy": 0.6,
+        "selectedOn": "validation",
+        "inputs": [{"field": "data.questions", "uri": "s3://d/q.jsonl", "digest": 'etag:9b2cf535f27731c974343645a3985328@v1'}],
         "conditions": [{"type": "Degraded", "status": "True", "reason": "StageRetrying",
                         "message": "train failed: OOMKilled", "lastTransitionTime": "2026-01-01T01:00:00Z",
                         "observedGeneration": 3}],

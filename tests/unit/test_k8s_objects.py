@@ -232,7 +232,7 @@ EVENT_REASONS = {
     ("Normal", "Started"), ("Warning", "ImmutableFieldChanged"), ("Normal", "Extended"),
     ("Normal", "Suspended"), ("Normal", "Resumed"), ("Normal", "StageSucceeded"),
     ("Warning", "StageRetrying"), ("Warning", "StageFailed"), ("Normal", "RoundCompleted"),
-    ("Normal", "Succeeded"),
+    ("Normal", "Succeeded"), ("Warning", "NoValidationSet"),
     ("Normal", "StageDisrupted"), ("Warning", "StagePending"),                           # observe.py
     ("Warning", "ReconcileError"), ("Warning", "JobCreationFailed"), ("Warning", "JobConflict"),
     ("Warning", "InvalidSpec"),                                                           # reconciler.py

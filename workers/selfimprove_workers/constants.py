@@ -34,6 +34,7 @@ class OutputName:
     ADAPTER = "adapter/"
     PREDICTIONS = "predictions.jsonl"
     SEED_PREDICTIONS = "seed_predictions.jsonl"
+    VALIDATION_PREDICTIONS = "validation_predictions.jsonl"
     AUGMENTED = "augmented.jsonl"
 
 
@@ -48,17 +49,19 @@ class MetricKey:
     TRAIN_LOSS = "trainLoss"
     ACCURACY = "accuracy"
     SEED_ACCURACY = "seedAccuracy"
+    VALIDATION_ACCURACY = "validationAccuracy"
     AUGMENTED = "augmented"
 
 
 # ---------------------------------------------------------------------------- failure reasons
 BAD_INPUT_REASON = "BadInput"
+INPUT_CHANGED_REASON = "InputChanged"  # a pinned input file differs from the run's start (permanent)
 # A pod that cannot start its container because of the image: waiting reasons of the kubelet.
 IMAGE_ERROR_REASONS = frozenset({
     "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
 })
 # Reasons no retry can fix: the user has to change something.
-PERMANENT_REASONS = frozenset({BAD_INPUT_REASON, "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+PERMANENT_REASONS = frozenset({BAD_INPUT_REASON, INPUT_CHANGED_REASON, "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                                "CreateContainerConfigError"})
 
 # ---------------------------------------------------------------------------- training

@@ -31,7 +31,7 @@ from .stage_registry import STAGES, stage
 
 __all__ = [
     "API_VERSION", "RESULT_FILE", "SUMMARY_LIMIT", "OutputName", "now_rfc3339", "StageName", "RunRef",
-    "StorageRef", "ModelRef", "StageInputs", "StageTask", "StageResult", "Metric", "full_result",
+    "StorageRef", "ModelRef", "StageInputs", "PinnedInput", "StageTask", "StageResult", "Metric", "full_result",
 ]
 
 # One member per registered stage kind (stage_registry.py), in registration order.
@@ -79,6 +79,16 @@ class StageInputs(WireModel):
     )
 
 
+class PinnedInput(WireModel):
+    """One input file of the run, pinned to the version it had when the run started."""
+
+    field: str = Field(..., min_length=1, description="The spec field naming it, e.g. data.questions.")
+    uri: str = Field(..., min_length=1, description="The file.")
+    digest: str | None = Field(
+        None, description="Its digest when the run started (`storage.Storage.fingerprint`: sha256 of a "
+        "local file, ETag and version of an S3 object); none: this stage records it.")
+
+
 class StageTask(WireModel):
     api_version: Literal["selfimprove.dev/v1alpha1"] = Field(API_VERSION, description="Contract version.")
     kind: Literal["StageTask"] = Field("StageTask", description="Always StageTask.")
@@ -99,6 +109,10 @@ class StageTask(WireModel):
     training: TrainingSpec | None = Field(None, description="train: how to train.")
     evaluation: EvaluationSpec | None = Field(None, description="evaluate: how to evaluate.")
     augment: AugmentSpec | None = Field(None, description="augment: how to augment.")
+    pinned: list[PinnedInput] = Field(
+        default_factory=list,
+        description="The run's input files: the runtime records the digest of those without one (the "
+        "run's first stage) and fails with InputChanged, naming the file, when one differs.")
 
     @model_validator(mode="after")
     def _has_what_the_stage_needs(self) -> "StageTask":
@@ -141,6 +155,8 @@ class StageResult(WireModel):
     skipped: bool = Field(False, description="True when the output was already complete.")
     metrics: dict[str, Metric] = Field(default_factory=dict, description="Headline metrics.")
     outputs: dict[str, str] = Field(default_factory=dict, description="Named output URIs.")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="Digests of the task's pinned inputs, by spec field (data.questions: sha256:…).")
     started_at: str | None = Field(None, description="RFC 3339 start time.")
     finished_at: str | None = Field(None, description="RFC 3339 end time.")
 

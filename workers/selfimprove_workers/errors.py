@@ -22,6 +22,12 @@ class BadInput(SelfImproveError):
     """Permanent: a bad task, manifest field or data line. The message names the field or file:line."""
 
 
+class InputChanged(BadInput):
+    """A pinned input file (`StageTask.pinned`) is not the version the run started with."""
+
+    reason = "InputChanged"  # constants.INPUT_CHANGED_REASON
+
+
 class DataError(BadInput):
     """A malformed data file; the message starts with `file:line:`."""
 

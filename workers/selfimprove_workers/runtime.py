@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from . import log
 from .constants import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, MARKER_NAME
 from .contract import RESULT_FILE, StageName, StageResult, StageTask, full_result, now_rfc3339
-from .errors import BadInput, CorruptObjectError, StorageError
+from .errors import BadInput, CorruptObjectError, InputChanged, StorageError
 from .redaction import redact
 from .stage_registry import STAGES
 from .validation import describe
@@ -154,15 +154,35 @@ def _already_done(ctx: StageContext) -> StageResult | None:
     return summary.model_copy(update={"skipped": True})
 
 
+def check_pinned(ctx: StageContext) -> dict[str, str]:
+    """Digests of the task's pinned inputs (by spec field); InputChanged, naming the field and
+    the file, when one is not the version the run started with. Checked before the stage reads
+    anything, so a run never mixes two versions of its data."""
+    from .storage import display_name
+
+    digests: dict[str, str] = {}
+    for pin in ctx.task.pinned:
+        digest = ctx.storage_for(pin.uri).fingerprint(pin.uri)
+        if pin.digest is not None and digest != pin.digest:
+            raise InputChanged(
+                f"{pin.field}: {display_name(pin.uri)} changed since the run started ({pin.digest} → {digest}); "
+                "a run never mixes two versions of its data: restore the file or start a new run")
+        digests[pin.field] = digest
+    if digests and not any(p.digest for p in ctx.task.pinned):
+        ctx.log.info("pinned inputs: " + ", ".join(f"{k} {v}" for k, v in digests.items()))
+    return digests
+
+
 def run_task(task: StageTask, stage_fn: StageFn | None = None) -> StageResult:
     started = now_rfc3339()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"selfimprove-{task.stage.value}-") as tmp:
         ctx = StageContext(task, Path(tmp))
+        pinned = check_pinned(ctx)
         done = _already_done(ctx)
         if done is not None:
             ctx.log.info(f"{task.stage.value}: output already complete at {task.output}; skipping")
-            return done
+            return done.model_copy(update={"inputs": pinned})
         if stage_fn is None:
             stage_fn = importlib.import_module(STAGE_MODULES[task.stage]).run
         ctx.log.info(f"{task.stage.value} round {task.round} attempt {task.attempt} → {task.output}")
@@ -172,7 +192,7 @@ def run_task(task: StageTask, stage_fn: StageFn | None = None) -> StageResult:
         metrics.setdefault("seconds", round(time.monotonic() - t0, 3))
         result = StageResult(
             stage=task.stage, round=task.round, status="Succeeded", metrics=metrics,
-            outputs=outputs, started_at=started, finished_at=now_rfc3339(),
+            outputs=outputs, inputs=pinned, started_at=started, finished_at=now_rfc3339(),
         )
         ctx.writer.write_json(RESULT_FILE, full_result(result, outcome.details))
         ctx.writer.commit(task.digest())
@@ -202,7 +222,7 @@ def main(argv: list[str] | None = None, stage_fn: StageFn | None = None) -> int:
         write_summary(result)
         return EXIT_OK
     except BadInput as exc:
-        code, reason, message = EXIT_BAD_INPUT, "BadInput", str(exc)
+        code, reason, message = EXIT_BAD_INPUT, InputChanged.reason if isinstance(exc, InputChanged) else "BadInput", str(exc)
     except StorageError as exc:
         code, reason, message = EXIT_TRANSIENT, "StorageError", str(exc)
     except Exception as exc:  # noqa: BLE001 — the process boundary: everything else is transient

@@ -98,7 +98,9 @@ register_stage(StageKind(
 register_stage(StageKind(
     name="evaluate", phase="Evaluating", module="selfimprove_workers.stages.evaluate",
     inputs=("evaluation",), sections=("evaluation",),
-    outputs={"predictions": OutputName.PREDICTIONS, "seedPredictions": OutputName.SEED_PREDICTIONS},
-    round_metrics={MetricKey.ACCURACY: ("accuracy", "float"), MetricKey.SEED_ACCURACY: ("seed_accuracy", "float")},
+    outputs={"predictions": OutputName.PREDICTIONS, "seedPredictions": OutputName.SEED_PREDICTIONS,
+             "validationPredictions": OutputName.VALIDATION_PREDICTIONS},
+    round_metrics={MetricKey.ACCURACY: ("accuracy", "float"), MetricKey.SEED_ACCURACY: ("seed_accuracy", "float"),
+                   MetricKey.VALIDATION_ACCURACY: ("validation_accuracy", "float")},
     description="Greedy accuracy on the held-out set (and the seed set for LLM2LLM).",
 ))

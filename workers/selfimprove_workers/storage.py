@@ -262,6 +262,15 @@ class Storage(ABC):
     def delete(self, uri: str) -> None:
         """Delete one object. Deleting a missing object is not an error (as on S3)."""
 
+    def fingerprint(self, uri: str) -> str:
+        """A digest that changes whenever the object's content does (pinned run inputs): here
+        `sha256:<hex>` of its bytes, streamed; S3 answers from the object's metadata."""
+        h = _Hasher()
+        with self.open_read(uri) as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return "sha256:" + h.entry().sha256
+
 
 class FileStorage(Storage):
     """Local filesystem backend. Writes are atomic: temp file in the same dir, fsync, rename."""
@@ -618,6 +627,16 @@ class S3Storage(Storage):
         except NotFoundError:
             return False
         return True
+
+    def fingerprint(self, uri: str) -> str:
+        """`etag:<ETag>` (and `@<VersionId>` in a versioned bucket) from one HEAD request: a
+        rewritten object gets a new ETag (a multipart one is not an MD5 of the content, but it
+        changes with it), and a version id names the exact version."""
+        bucket, key = parse_s3_uri(uri)
+        head = self._call("head", uri, self.client.head_object, Bucket=bucket, Key=key)
+        version = head.get("VersionId")
+        etag = str(head.get("ETag", "")).strip('"')
+        return f"etag:{etag}" + (f"@{version}" if version and version != "null" else "")
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         prefix = normalize_prefix(prefix)

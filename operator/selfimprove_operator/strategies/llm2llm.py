@@ -30,7 +30,7 @@ def train(ctx: WiringContext) -> tuple[StageInputs, str | None]:
 
 def evaluate(ctx: WiringContext) -> tuple[StageInputs, str | None]:
     # Also on the seed set: its wrong answers are what the teacher augments.
-    inputs = StageInputs(evaluation=ctx.spec.data.evaluation, seed=ctx.spec.data.seed)
+    inputs = StageInputs(evaluation=ctx.spec.data.evaluation, seed=ctx.spec.data.seed, validation=ctx.spec.data.validation)
     return inputs, ctx.this_round_adapter if ctx.round > 0 else None
 
 

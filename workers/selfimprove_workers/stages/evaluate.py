@@ -6,6 +6,10 @@ without exemplars becomes its zero-shot variant) and decoded greedily by one eng
 batched call. The answer is extracted from each output with the task's answer rule and compared
 with the gold final answer, normalized by the same rule.
 
+With `inputs.validation` (the run's `data.validation`), its examples (the first
+`evaluation.limit`) are answered in the same call and scored apart (`validationAccuracy`): the
+planner picks the best round and stops early on that split, never on the reported test set.
+
 Round 0 runs it with `model.adapter` unset: the base model's accuracy, the point every later
 round is compared with.
 
@@ -13,7 +17,8 @@ Outputs: `predictions.jsonl` (and `seed_predictions.jsonl`), one row per example
 `{"id", "question", "output", "prediction", "gold", "correct"}` — the augment stage reads the
 seed predictions to find the examples the student got wrong. The accuracy also goes to the run's
 `tensorboard/evaluate/` as a TensorBoard event (step = round; `training/events.py`). Summary metrics: accuracy, correct,
-total (and seedAccuracy, seedCorrect, seedTotal).
+total (and seedAccuracy, seedCorrect, seedTotal; validationAccuracy, validationCorrect,
+validationTotal with `validation_predictions.jsonl`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..storage import display_name, read_jsonl
 from ..training.data import load_exemplars, resolve_format
 
 PREDICTIONS, SEED_PREDICTIONS = OutputName.PREDICTIONS, OutputName.SEED_PREDICTIONS
+VALIDATION_PREDICTIONS = OutputName.VALIDATION_PREDICTIONS
 
 
 def run(ctx: StageContext) -> StageOutcome:
@@ -53,6 +59,9 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
     seed_uri = task.inputs.seed
     seed_set = _labeled(ctx, seed_uri, None, "inputs.seed") if seed_uri else []
     seed_gold = gold_answers(ctx, seed_uri, seed_set, answer) if seed_uri else []
+    val_uri = task.inputs.validation
+    val_set = _labeled(ctx, val_uri, spec.limit, "inputs.validation") if val_uri else []
+    val_gold = gold_answers(ctx, val_uri, val_set, answer) if val_uri else []
 
     exemplars = load_exemplars(ctx.storage_for, task.prompting)
     fmt = resolve_format(spec.format, bool(exemplars))
@@ -68,7 +77,7 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
         engine, served_adapter = open_model(task.engine, ctx.local_dir(task.model.base), adapter,
                                             gpus=task.gpus, seed=0, workdir=ctx.workdir)
     try:
-        questions = [ex.question for ex in eval_set] + [ex.question for ex in seed_set]
+        questions = [ex.question for ex in (*eval_set, *seed_set, *val_set)]
         prompts = [render_prompt(task.prompting, q, fmt, engine.tokenizer, exemplars) for q in questions]
         params = GenerationParams(n=1, temperature=0.0, max_tokens=spec.max_tokens, stop=STOP_SEQUENCES)
         ctx.log.info(f"generating {len(prompts)} greedy answers ({fmt}, "
@@ -88,11 +97,17 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
     metrics: dict[str, Any] = {"accuracy": round(correct / len(rows), 6), "correct": correct, "total": len(rows)}
     outs = {"predictions": PREDICTIONS}
     if seed_uri:
-        seed_rows, seed_correct = score(seed_set, seed_gold, outputs[len(eval_set):], answer)
+        seed_rows, seed_correct = score(seed_set, seed_gold, outputs[len(eval_set): len(eval_set) + len(seed_set)], answer)
         ctx.writer.write_jsonl(SEED_PREDICTIONS, seed_rows)
         metrics.update(seedAccuracy=round(seed_correct / len(seed_rows), 6), seedCorrect=seed_correct,
                        seedTotal=len(seed_rows))
         outs["seedPredictions"] = SEED_PREDICTIONS
+    if val_uri:
+        val_rows, val_correct = score(val_set, val_gold, outputs[len(eval_set) + len(seed_set):], answer)
+        ctx.writer.write_jsonl(VALIDATION_PREDICTIONS, val_rows)
+        metrics.update(validationAccuracy=round(val_correct / len(val_rows), 6), validationCorrect=val_correct,
+                       validationTotal=len(val_rows))
+        outs["validationPredictions"] = VALIDATION_PREDICTIONS
     generated = sum(c.tokens for o in outputs for c in o.completions)
     unanswered = sum(r["prediction"] is None for r in rows)
     ctx.log.info(f"accuracy {metrics['accuracy']:.4f} ({correct}/{len(rows)}, {unanswered} without an answer)")
