@@ -157,7 +157,7 @@ def test_prepare_command_writes_everything_and_caches(tmp_path):
     cmd = [sys.executable, "-m", "selfimprove_workers.demo", "prepare", "--seed", "5", "--out", str(tmp_path),
            "--params", params]
     first = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    assert set(first["data"]) == {"warmstart", "unlabeled", "eval", "dev"}
+    assert set(first["data"]) == {"warmstart", "unlabeled", "unlabeled.answers", "eval", "dev"}
     assert first["warmStart"]["steps"] == 4 and not first["warmStart"]["cached"]
     assert (tmp_path / "model" / "model.safetensors").exists()
     second = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
