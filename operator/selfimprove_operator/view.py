@@ -52,10 +52,11 @@ def rounds_table(status: SelfImproveRunStatus, title: str | None = None) -> Tabl
 
 def progress_text(p: StageProgress) -> str:
     """The running stage's progress as the live view shows it: what `status.progress` says."""
+    from .planner import duration_text
+
     left = ""
     if p.estimated_remaining_seconds is not None and p.done < p.total:
-        m, sec = divmod(p.estimated_remaining_seconds, 60)
-        left = f", ~{m}m{sec:02d}s left" if m else f", ~{sec}s left"
+        left = f", ~{duration_text(p.estimated_remaining_seconds)} left"
     return f"{p.percent}% {p.done}/{p.total} {p.unit}{left}"
 
 

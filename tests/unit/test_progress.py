@@ -151,3 +151,13 @@ def test_token_bucket_and_per_run_interval_bound_the_reads():
     asyncio.run(reader.poll(key, state, status))
     assert len(kube.calls) == 2 and reader.record(key, job).done == 2
     assert reader.record(key, "another-job") is None
+
+
+def test_the_live_view_shows_the_status_progress():
+    from selfimprove_operator.view import stages_line
+
+    spec, status = _running()
+    [stage] = [s for s in status.rounds[0].stages if s.state == "Running"]
+    rec = slog.ProgressRecord(30, 120, "answers", "2026-01-01T00:00:05Z", 3700.0)
+    status = plan(spec, status, {(0, stage.name): Observed(attempt=1, state="running", report=rec)}, NOW, RUN).status
+    assert stages_line(status).plain == f"round 0: {stage.name} [25% 30/120 answers, ~1h01m left]"
