@@ -23,12 +23,16 @@ REPO = Path(__file__).resolve().parents[2]
 # ~1 s (extraction), ~6 s (train, operator), ~12 s (sample) and ~60 s (demo: three vLLM stage processes) on 2 cores.
 BENCHES = {
     "bench_demo.py": ("vllm", ["seed  round  0  round  1   gain", "smallest gain:", "smoke run"], 900),
+    "bench_lmsi_teacher.py": ("vllm", ["| round | student held-out acc |", "control (round 2's teacher sampling",
+                                       "smoke run"], 900),
     "bench_extraction.py": (None, ["extraction accuracy by style", "overall", "smoke run"], 60),
     "bench_operator.py": ("kmock", ["stage hand-off (Job complete → next Job created): median", "operator RSS:",
                                     "smoke run"], 300),
     "bench_sample.py": ("vllm", ["medians over 1 repeats", "× bare   (target ≥ 0.95)", "naive transformers loop",
                                  "smoke run"], 600),
     "bench_train.py": (None, ["stage loop:", "ratio stage / Trainer:", "smoke run"], 300),
+    "bench_selection.py": (None, ["LTD diversity selection", "old k_center_greedy (float64, no clusters)",
+                               "smoke run"], 300),
 }
 MARKS = {"vllm": [pytest.mark.vllm], "kmock": [pytest.mark.k8s], None: []}
 

@@ -1,0 +1,232 @@
+"""LTD's coreset selection at scale: mini-batch K-means, then k-center greedy inside each cluster.
+
+LTD (shared/research/methods.md §4) embeds every example, clusters the embeddings with K-means
+and picks a coreset per cluster, so that a small subset covers the whole distribution. Done
+naively (`selection.k_center_greedy`, float64, one n×d temporary per step) k-center alone costs
+O(n·k·d) — with k = keep·n that is quadratic in n: GSM8K × 32 paths at keep 0.5 is about
+2.4·10⁵ × 1.2·10⁵ × d, days of CPU. Here:
+
+* **K-means** (`minibatch_kmeans`): k-means++ seeding on a random sample, then mini-batch
+  updates (Sculley 2010, per-center learning rate 1/count), then one chunked pass assigning every
+  point to its nearest center. Cost O((sample + iterations·batch + n)·C·d), float32 BLAS.
+* **k-center greedy per cluster** (`k_center_greedy_fast`): the same greedy rule as the
+  reference (start at the point nearest the cluster's mean, then repeatedly the point farthest
+  from everything chosen; ties to the lowest index), with squared distances updated as
+  ‖x‖² − 2x·c + ‖c‖² (one float32 matrix-vector product per step). Cost Σ_c n_c·k_c·d instead
+  of n·k·d: with C balanced clusters, C times less. Clusters run in parallel threads.
+* **Budget**: the ⌈keep·n⌉ points are shared between clusters in proportion to their sizes by
+  largest remainder (ties to the lower cluster), so the total is exact.
+
+With one cluster the result is the reference's, index for index, whenever float32 arithmetic
+is exact on the data (tests/unit/test_coreset.py checks integer-valued data and float64 inputs);
+on general float data the two can differ only where two distances tie within float32 rounding.
+Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Coreset", "auto_clusters", "share_budget", "minibatch_kmeans", "k_center_greedy_fast", "ltd_coreset"]
+
+# Rows per chunk in the distance passes: bounds the temporary (CHUNK × C floats) at any n.
+CHUNK = 16384
+
+
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=np.float64 if x.dtype == np.float64 else np.float32)
+    for s in range(0, x.shape[0], CHUNK):
+        part = x[s:s + CHUNK].astype(out.dtype, copy=False)
+        out[s:s + CHUNK] = np.einsum("ij,ij->i", part, part)
+    return out
+
+
+def _nearest_to_mean(x: np.ndarray) -> int:
+    """argmin ‖x_i − mean‖², in float64 (chunked), lowest index on ties — the reference's start."""
+    mean = np.zeros(x.shape[1], dtype=np.float64)
+    for s in range(0, x.shape[0], CHUNK):
+        mean += x[s:s + CHUNK].sum(axis=0, dtype=np.float64)
+    mean /= x.shape[0]
+    best, best_d = 0, math.inf
+    for s in range(0, x.shape[0], CHUNK):
+        d = ((x[s:s + CHUNK].astype(np.float64) - mean) ** 2).sum(axis=1)
+        i = int(np.argmin(d))
+        if d[i] < best_d:
+            best, best_d = s + i, float(d[i])
+    return best
+
+
+def k_center_greedy_fast(x: np.ndarray, k: int) -> list[int]:
+    """`selection.k_center_greedy`'s selection, in x's dtype (float32 unless given float64).
+
+    One matrix-vector product per step on torch's CPU kernels, single-threaded: a cluster
+    (n_c × d floats, a few MB) stays in cache, and a multi-threaded BLAS call per step costs
+    more in thread hand-offs than the product itself (measured 5-8× slower on a busy 2-core
+    machine); `ltd_coreset` runs clusters in parallel instead.
+    """
+    import torch
+
+    n = x.shape[0]
+    k = max(0, min(k, n))
+    if k == 0:
+        return []
+    dtype = np.float64 if x.dtype == np.float64 else np.float32
+    x = np.ascontiguousarray(x, dtype=dtype)
+    start = _nearest_to_mean(x)
+    with torch.inference_mode():
+        t = torch.from_numpy(x)
+        sq = (t * t).sum(dim=1)
+        chosen = [start]
+        nearest = torch.clamp(sq - 2.0 * torch.mv(t, t[start]) + sq[start], min=0.0)
+        nearest[start] = -1.0
+        while len(chosen) < k:
+            nxt = int(torch.argmax(nearest))  # first maximum: lowest index on ties
+            chosen.append(nxt)
+            d = torch.clamp(sq - 2.0 * torch.mv(t, t[nxt]) + sq[nxt], min=0.0)  # rounding: ‖x − x‖² ≥ 0
+            torch.minimum(nearest, d, out=nearest)  # d ≥ 0: chosen points stay −1
+            nearest[nxt] = -1.0
+    return chosen
+
+
+def auto_clusters(n: int) -> int:
+    """⌈√(n/2)⌉ clusters when none is given: about √(2n) points a cluster, so the per-cluster
+    k-center costs O(n^1.5·d) in all, and K-means' assignment pass about the same."""
+    return max(1, math.ceil(math.sqrt(n / 2)))
+
+
+def share_budget(sizes: Sequence[int], k: int) -> list[int]:
+    """k points shared in proportion to `sizes` (largest remainder; ties to the lower index),
+    never more than a cluster holds. Sums to min(k, Σ sizes)."""
+    total = sum(sizes)
+    k = min(k, total)
+    if total == 0:
+        return [0] * len(sizes)
+    quotas = [k * s / total for s in sizes]
+    out = [min(s, math.floor(q)) for s, q in zip(sizes, quotas)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(quotas[i] - math.floor(quotas[i])), i))
+    left = k - sum(out)
+    while left > 0:  # a second sweep only when a full cluster could not take its share
+        for i in order:
+            if left and out[i] < sizes[i]:
+                out[i] += 1
+                left -= 1
+    return out
+
+
+def _assign(x: np.ndarray, centers: np.ndarray, center_sq: np.ndarray) -> np.ndarray:
+    """Index of the nearest center of every row (chunked; lowest index on ties)."""
+    labels = np.empty(x.shape[0], dtype=np.int64)
+    for s in range(0, x.shape[0], CHUNK):
+        part = x[s:s + CHUNK].astype(np.float32, copy=False)
+        d = center_sq[None, :] - 2.0 * (part @ centers.T)  # ‖x‖² is the same for every center
+        labels[s:s + CHUNK] = np.argmin(d, axis=1)
+    return labels
+
+
+def _kmeans_pp(sample: np.ndarray, clusters: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (D² sampling) on the sample."""
+    m = sample.shape[0]
+    sq = _sq_norms(sample)
+    centers = np.empty((clusters, sample.shape[1]), dtype=np.float32)
+    first = int(rng.integers(m))
+    centers[0] = sample[first]
+    dist = np.maximum(sq - 2.0 * (sample @ sample[first]) + sq[first], 0.0)
+    for j in range(1, clusters):
+        total = float(dist.sum(dtype=np.float64))
+        if total <= 0:  # fewer distinct points than clusters: repeat one (it stays empty)
+            idx = int(rng.integers(m))
+        else:
+            idx = int(np.searchsorted(np.cumsum(dist, dtype=np.float64), rng.random() * total, side="right"))
+            idx = min(idx, m - 1)
+        centers[j] = sample[idx]
+        np.minimum(dist, np.maximum(sq - 2.0 * (sample @ sample[idx]) + sq[idx], 0.0), out=dist)
+    return centers
+
+
+def minibatch_kmeans(x: np.ndarray, clusters: int, seed: int = 0, iterations: int = 100,
+                     batch: int = 4096, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, centers): mini-batch K-means with k-means++ seeding on a random sample
+    (default max(10·clusters, batch) points). Deterministic for a seed."""
+    n = x.shape[0]
+    clusters = max(1, min(clusters, n))
+    if clusters == 1:
+        mean = sum((x[s:s + CHUNK].sum(axis=0, dtype=np.float64) for s in range(0, n, CHUNK)), np.zeros(x.shape[1]))
+        return np.zeros(n, dtype=np.int64), (mean / n).astype(np.float32)[None, :]
+    rng = np.random.default_rng(seed)
+    m = min(n, sample or max(10 * clusters, batch))
+    pick = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
+    centers = _kmeans_pp(np.ascontiguousarray(x[pick], dtype=np.float32), clusters, rng)
+    counts = np.zeros(clusters, dtype=np.float64)
+    b = min(batch, n)
+    for _ in range(iterations):
+        rows = np.ascontiguousarray(x[np.sort(rng.choice(n, size=b, replace=False))], dtype=np.float32)
+        labels = _assign(rows, centers, _sq_norms(centers))
+        per = np.bincount(labels, minlength=clusters).astype(np.float64)
+        order = np.argsort(labels, kind="stable")
+        hit = per > 0
+        sums = np.zeros(centers.shape, dtype=np.float64)  # Σ of each center's batch points
+        starts = (np.cumsum(per) - per)[hit].astype(np.int64)  # offsets of the non-empty clusters
+        sums[hit] = np.add.reduceat(rows[order].astype(np.float64), starts, axis=0)
+        counts += per
+        # c ← c + (Σ_batch x − m·c) / count: each point moves its center by 1/count (Sculley).
+        centers[hit] += ((sums[hit] - per[hit, None] * centers[hit]) / counts[hit, None]).astype(np.float32)
+    return _assign(x, centers, _sq_norms(centers)), centers
+
+
+@dataclass
+class Coreset:
+    chosen: list[int]          # indices, cluster by cluster, each cluster's in greedy order
+    labels: np.ndarray         # cluster of every point
+    budget: list[int]          # points chosen per cluster
+    clusters: int
+
+
+def ltd_coreset(x: np.ndarray, keep: float | None = None, k: int | None = None, clusters: int | None = None,
+                seed: int = 0, iterations: int = 100, batch: int = 4096, threads: int | None = None) -> Coreset:
+    """LTD: K-means into `clusters` (default `auto_clusters(n)`), then k-center greedy inside
+    each cluster with the budget ⌈keep·n⌉ (or k) shared by cluster size."""
+    n = x.shape[0]
+    if (keep is None) == (k is None):
+        raise ValueError("give exactly one of keep, k")
+    target = min(n, math.ceil(keep * n) if keep is not None else int(k or 0))
+    c = max(1, min(clusters or auto_clusters(n), n)) if n else 1
+    if n == 0:
+        return Coreset([], np.zeros(0, dtype=np.int64), [0], c)
+    labels, _ = minibatch_kmeans(x, c, seed=seed, iterations=iterations, batch=batch)
+    order = np.argsort(labels, kind="stable")  # members of each cluster, in index order
+    members = np.split(order, np.cumsum(np.bincount(labels, minlength=c))[:-1])
+    budget = share_budget([len(m) for m in members], target)
+    chosen: list[int] = []
+    for part in per_cluster_k_center(x, members, budget, threads):
+        chosen.extend(part)
+    return Coreset(chosen, labels, budget, c)
+
+
+def per_cluster_k_center(x: np.ndarray, members: Sequence[np.ndarray], budget: Sequence[int],
+                         threads: int | None = None) -> list[list[int]]:
+    """k-center greedy inside each cluster (indices into x), clusters spread over `threads`
+    threads (default: the CPUs), each single-threaded; results in cluster order, so the
+    outcome does not depend on the thread count."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    def one(j: int) -> list[int]:
+        idx = members[j]
+        return [int(idx[i]) for i in k_center_greedy_fast(x[idx], budget[j])] if budget[j] else []
+
+    workers = max(1, threads or os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if workers == 1:
+            return [one(j) for j in range(len(members))]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, range(len(members))))  # torch.mv releases the GIL
+    finally:
+        torch.set_num_threads(before)
