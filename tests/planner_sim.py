@@ -21,13 +21,15 @@ STRATEGIES: dict[str, dict[str, Any]] = {
                                            "validation": "s3://d/v.jsonl"}},
     "llm2llm": {"strategy": "llm2llm", "model": {"base": "s3://m/base/", "teacher": "s3://m/teacher/"},
                 "data": {"seed": "s3://d/seed.jsonl", "evaluation": "s3://d/e.jsonl"}},
+    "lmsi-teacher": {"strategy": "lmsi-teacher", "model": {"base": "s3://m/student/", "teacher": "s3://m/teacher/"},
+                     "data": {"questions": "s3://d/q.jsonl", "evaluation": "s3://d/e.jsonl"}},
 }
 
 
 def ok(stage: str, round_no: int) -> StageResult:
     metrics = {"sample": {"paths": 64, "questions": 2, "meanConfidence": 0.8}, "filter": {"kept": 40},
                "train": {"trainLoss": 0.3}, "evaluate": {"accuracy": 0.4 + 0.1 * round_no},
-               "augment": {"augmented": 3}}[stage]
+               "augment": {"augmented": 3}, "exemplars": {"refreshed": 4}}[stage]
     outputs = {"adapter": f"s3://b/runs/a{round_no}/"} if stage == "train" else {}
     return StageResult(stage=stage, round=round_no, status="Succeeded", metrics=metrics, outputs=outputs)
 

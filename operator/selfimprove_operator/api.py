@@ -24,6 +24,7 @@ from selfimprove_workers.spec import (
     Uri,
     WireModel,
 )
+from selfimprove_workers.exemplars import ExemplarsSpec
 from selfimprove_workers.stage_registry import STAGES, phases, stage_names
 
 from .strategies import spec_rules, strategy_names
@@ -62,7 +63,8 @@ class ModelSpec(WireModel):
         description="Base model weights: an s3:// or file:// URI of a Hugging Face model folder, or a path.",
     )
     teacher: Uri | None = Field(
-        None, description="Teacher model for LLM2LLM augmentation and the judge; defaults to base."
+        None, description="Teacher model: LLM2LLM's augmentation and the judge (defaults to base); "
+        "with strategy lmsi-teacher it samples and votes, and `base` is the student it teaches."
     )
 
 
@@ -231,6 +233,9 @@ class SelfImproveRunSpec(WireModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="LoRA training.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="LLM2LLM augmentation.")
+    exemplars: ExemplarsSpec = Field(
+        default_factory=ExemplarsSpec,
+        description="lmsi-teacher: how the student's confident, agreed answers become the teacher's next few-shot exemplars.")
     rounds: RoundsSpec = Field(default_factory=RoundsSpec, description="How many rounds and when to stop.")
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Stage retries.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Where and how stage Jobs run.")

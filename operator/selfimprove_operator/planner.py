@@ -200,7 +200,7 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         sections["sampling"] = spec.sampling.model_copy(update={"seed": spec.sampling.seed + round_no})
     if "filters" in sections:
         sections["filters"] = list(spec.filters or [])
-    return StageTask(
+    task = StageTask(
         run=RunRef(name=run.name, namespace=run.namespace, uid=run.uid),
         round=round_no,
         stage=StageName(stage),
@@ -216,6 +216,8 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         pinned=pinned_inputs(spec, status),
         **sections,
     )
+    adjust = strategy(spec.strategy).tasks.get(stage)
+    return adjust(ctx, task) if adjust is not None else task
 
 
 def pinned_inputs(spec: SelfImproveRunSpec, status: SelfImproveRunStatus) -> list[PinnedInput]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from selfimprove_workers.constants import OutputName
-from selfimprove_workers.contract import StageInputs
+from selfimprove_workers.contract import StageInputs, StageTask
 
 if TYPE_CHECKING:
     from .api import SelfImproveRunSpec, SelfImproveRunStatus
@@ -53,6 +53,7 @@ class WiringContext:
 
 
 Wiring = Callable[[WiringContext], tuple[StageInputs, "str | None"]]
+TaskAdjust = Callable[[WiringContext, StageTask], StageTask]
 DEFAULT_WIRING: dict[str, Wiring] = {}
 
 
@@ -102,6 +103,13 @@ def augment(ctx: WiringContext) -> tuple[StageInputs, str | None]:
         seed=ctx.spec.data.seed,
         existing=[ctx.spec.data.seed, *augmented_so_far(ctx)],
     ), None
+
+
+@wires("exemplars")
+def exemplars(ctx: WiringContext) -> tuple[StageInputs, str | None]:
+    # The student (base + this round's adapter) answers the questions its teacher voted on.
+    return StageInputs(questions=ctx.spec.data.questions, votes=ctx.out(ctx.round, "sample", OutputName.VOTES)), \
+        ctx.this_round_adapter
 
 
 def wiring_for(strategy: Any, stage: str) -> Wiring:

@@ -81,7 +81,8 @@ def test_presets_are_valid_specs(strategy):
     data = {"questions": "q", "seed": "s", "validation": "v", "evaluation": "e"}
     if strategy != "llm2llm":
         data.pop("seed")
-    spec = SelfImproveRunSpec.model_validate({"strategy": strategy, "model": {"base": "m"}, "data": data, "storage": {"uri": "/tmp/x"}})
+    model = {"base": "m", "teacher": "t"} if strategy == "lmsi-teacher" else {"base": "m"}
+    spec = SelfImproveRunSpec.model_validate({"strategy": strategy, "model": model, "data": data, "storage": {"uri": "/tmp/x"}})
     assert resolve(spec).training.epochs >= 1
 
 
@@ -157,7 +158,7 @@ def test_missing_and_enum_errors():
           storage: {uri: /tmp/runs}
         """)
     assert any(e.startswith("run.yaml:2: metadata.name: must be a DNS label") for e in errors)
-    assert any("spec.strategy: must be one of 'lmsi', 'iwsi' or 'llm2llm'" in e for e in errors)
+    assert any("spec.strategy: must be one of 'lmsi', 'iwsi', 'llm2llm' or 'lmsi-teacher'" in e for e in errors)
     assert any("spec.model: is required" in e for e in errors)
 
 

@@ -110,7 +110,7 @@ def test_bounds_and_enums(schema):
     spec = schema["properties"]["spec"]["properties"]
     paths = spec["sampling"]["properties"]["paths"]
     assert paths["minimum"] == 1 and paths["type"] == "integer" and paths["nullable"] is True
-    assert spec["strategy"]["enum"] == ["lmsi", "iwsi", "llm2llm"]
+    assert spec["strategy"]["enum"] == ["lmsi", "iwsi", "llm2llm", "lmsi-teacher"]
     top_p = spec["sampling"]["properties"]["topP"]
     assert top_p["exclusiveMinimum"] is True and top_p["minimum"] == 0
 

@@ -168,7 +168,7 @@ def jobs_of(case: str, run_name: str = "demo", rounds: int = 1) -> tuple[tuple[s
 def test_the_job_cases_cover_every_stage_and_setting():
     """Every stage of every strategy is built, and the cases really vary what they claim."""
     stages = {job["metadata"]["labels"]["selfimprove.dev/stage"] for _, job in jobs_of("operator-defaults")}
-    assert stages == {"sample", "filter", "augment", "train", "evaluate"}
+    assert stages == {"sample", "filter", "augment", "train", "evaluate", "exemplars"}
     pods = {case: jobs_of(case)[0][1]["spec"]["template"]["spec"] for case in JOB_CASES}
     specs = {case: jobs_of(case)[0][1]["spec"] for case in JOB_CASES}
     res = lambda case: pods[case]["containers"][0].get("resources", {})  # noqa: E731
@@ -208,6 +208,7 @@ def test_one_run_gives_each_stage_its_own_resources():
         "filter": {((), "8Gi", None, False, None)},
         "train": {((("nvidia.com/gpu", "1"),), "32Gi", "l4", False, None)},
         "evaluate": {((("nvidia.com/gpu", "2"),), "32Gi", "l4", False, None)},
+        "exemplars": {((("nvidia.com/gpu", "1"),), "32Gi", "l4", False, None)},   # the student: the run's
     }
 
 

@@ -35,6 +35,7 @@ class OutputName:
     PREDICTIONS = "predictions.jsonl"
     SEED_PREDICTIONS = "seed_predictions.jsonl"
     VALIDATION_PREDICTIONS = "validation_predictions.jsonl"
+    EXEMPLARS = "exemplars.jsonl"
     AUGMENTED = "augmented.jsonl"
 
 

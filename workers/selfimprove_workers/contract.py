@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .constants import API_VERSION, RESULT_FILE, SUMMARY_LIMIT, OutputName, now_rfc3339
+from .exemplars import ExemplarsSpec
 from .spec import (
     AugmentSpec,
     EngineSpec,
@@ -109,6 +110,7 @@ class StageTask(WireModel):
     training: TrainingSpec | None = Field(None, description="train: how to train.")
     evaluation: EvaluationSpec | None = Field(None, description="evaluate: how to evaluate.")
     augment: AugmentSpec | None = Field(None, description="augment: how to augment.")
+    exemplars: ExemplarsSpec | None = Field(None, description="exemplars: how the teacher's next exemplars are chosen.")
     pinned: list[PinnedInput] = Field(
         default_factory=list,
         description="The run's input files: the runtime records the digest of those without one (the "

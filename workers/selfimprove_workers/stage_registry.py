@@ -96,6 +96,12 @@ register_stage(StageKind(
     description="A LoRA adapter is trained (transformers + peft + accelerate).",
 ))
 register_stage(StageKind(
+    name="exemplars", phase="Refreshing", module="selfimprove_workers.stages.exemplars",
+    inputs=("questions", "votes"), sections=("exemplars",),
+    outputs={"exemplars": OutputName.EXEMPLARS},
+    description="The student's confident answers that agree with the teacher become the teacher's next exemplars.",
+))
+register_stage(StageKind(
     name="evaluate", phase="Evaluating", module="selfimprove_workers.stages.evaluate",
     inputs=("evaluation",), sections=("evaluation",),
     outputs={"predictions": OutputName.PREDICTIONS, "seedPredictions": OutputName.SEED_PREDICTIONS,

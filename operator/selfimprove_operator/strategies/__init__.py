@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from selfimprove_workers.rules import Equals, Rule
 
 if TYPE_CHECKING:
-    from ..wiring import Wiring
+    from ..wiring import TaskAdjust, Wiring
 
 BASE_ROUND_STAGES: tuple[str, ...] = ("evaluate",)  # round 0 evaluates the base model, always
 
@@ -31,6 +31,9 @@ class Strategy:
     round_stages: tuple[str, ...]               # the stages of rounds 1..max, in order
     rules: tuple[Rule, ...] = ()                # spec rules while this strategy is chosen
     wiring: "Mapping[str, Wiring]" = field(default_factory=dict)   # stage → inputs, where not the default
+    # stage → (context, built task) → task: changes beyond inputs and adapter (the model a stage
+    # runs, its prompts), pure like the wiring
+    tasks: "Mapping[str, TaskAdjust]" = field(default_factory=dict)
 
     def stages_of_round(self, round_no: int) -> tuple[str, ...]:
         return BASE_ROUND_STAGES if round_no == 0 else self.round_stages
@@ -78,5 +81,5 @@ def spec_rules() -> tuple[Rule, ...]:
 
 # The built-in strategies, in the order of the CRD's enum (registration order, so imported by
 # name in this order rather than by an import statement a formatter may sort).
-for _module in ("lmsi", "iwsi", "llm2llm"):
+for _module in ("lmsi", "iwsi", "llm2llm", "lmsi_teacher"):
     importlib.import_module(f"{__name__}.{_module}")
