@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["tiny_model_dir", "tiny_adapter_dir"]
+__all__ = ["tiny_model_dir", "tiny_adapter_dir", "tiny_reward_model_dir"]
 
 REPO = Path(__file__).resolve().parents[1]
 # Long enough for the judge and teacher prompts (character-level tokens); the KV cache of a
@@ -49,6 +49,23 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
         peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                       init_lora_weights=False))
         peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama as a reward model: `LlamaForSequenceClassification`, num_labels 1, its score
+    head random (seed 2), with the tiny model's tokenizer (character-level, no chat template)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-reward")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+        torch.nn.init.normal_(model.score.weight, std=1.0)  # scores that differ visibly between inputs
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(str(out))
     return out
 
 

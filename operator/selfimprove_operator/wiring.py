@@ -75,11 +75,19 @@ def sample(ctx: WiringContext) -> tuple[StageInputs, str | None]:
 
 @wires("filter")
 def filter_(ctx: WiringContext) -> tuple[StageInputs, str | None]:
+    from selfimprove_workers.filter_registry import FILTERS
+
+    filters = list(ctx.spec.filters or [])
+    # A label-aware filter reads the gold answers of the questions sampled; STaR's rationalization
+    # re-prompts the model that sampled them (the previous round's adapter).
+    labels = any(FILTERS[f.kind].labels for f in filters)
+    rationalize = any(getattr(f.get("correct"), "rationalize", False) for f in filters)
     return StageInputs(
         samples=ctx.out(ctx.round, "sample", OutputName.SAMPLES),
         votes=ctx.out(ctx.round, "sample", OutputName.VOTES),
         validation=ctx.spec.data.validation,
-    ), None
+        questions=ctx.spec.data.questions if labels else None,
+    ), ctx.previous_adapter if rationalize else None
 
 
 @wires("train")

@@ -40,6 +40,7 @@ class FilterKind:
     description: str
     requires: tuple[str, ...] = ()  # spec fields (wire paths) a run listing this filter must set
     uses_model: bool = False        # loads an engine (for the stage's engine pool and for docs)
+    labels: bool = False            # reads gold answers: the filter stage gets `inputs.questions`
 
     def load(self) -> Callable[..., Any]:
         module, _, name = self.implementation.partition(":")
@@ -55,8 +56,8 @@ FILTERS: Mapping[str, FilterKind] = MappingProxyType(_FILTERS)
 
 
 def register_filter(kind: str, params: "type[WireModel]", implementation: str, description: str,
-                    requires: tuple[str, ...] = (), uses_model: bool = False) -> FilterKind:
-    entry = FilterKind(kind, params, implementation, description, tuple(requires), uses_model)
+                    requires: tuple[str, ...] = (), uses_model: bool = False, labels: bool = False) -> FilterKind:
+    entry = FilterKind(kind, params, implementation, description, tuple(requires), uses_model, labels)
     if kind in _FILTERS and _FILTERS[kind] != entry:
         raise ValueError(f"filter {kind!r} is already registered")
     _FILTERS[kind] = entry

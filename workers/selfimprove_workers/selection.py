@@ -15,7 +15,9 @@ as in the code. When k·n ≥ n there is no index to read a threshold at (the co
 every candidate is kept.
 
 Judge and self ratings (AlpaGasus, IWSI's self filter) are read from free text by
-`parse_score`; the diversity filter keeps a k-center greedy coreset (LTD).
+`parse_score`. `k_center_greedy` is the exact O(n·k·d) k-center greedy the diversity filter used
+before LTD's clustering (issue 16); it stays as the reference `coreset.py` is tested against and
+benchmarked beside (the filter itself runs `coreset.ltd_coreset`).
 """
 
 from __future__ import annotations

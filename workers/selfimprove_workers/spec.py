@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from .filter_registry import FILTERS, filter_kinds, register_filter
+from .model_refs import ModelRef
 
 
 class WireModel(BaseModel):
@@ -113,6 +114,12 @@ class TaskSpec(WireModel):
         True,
         description="Wrap prompts in the tokenizer's chat template when the tokenizer has one.",
     )
+    system: str | None = Field(
+        None, max_length=4000,
+        description="System message placed before the user turn under the chat template (ignored "
+        "without one). Unset: the template's own default, if it has one (Qwen2.5 writes its "
+        "own system turn).",
+    )
 
     @field_validator("answer_template")
     @classmethod
@@ -170,8 +177,9 @@ class JudgeFilter(WireModel):
     min_score: float = Field(
         4.5, ge=0.0, le=5.0, description="Keep samples an LLM judge rates at least this (0-5)."
     )
-    model: str | None = Field(
-        None, description="Judge model; defaults to `model.teacher`, then to `model.base`."
+    model: ModelRef | None = Field(
+        None, description="Judge model (a URI, a path or hf://ORG/NAME[@REVISION]); defaults to "
+        "`model.teacher`, then to `model.base`."
     )
     max_tokens: int = Field(64, ge=1, le=4096, description="Tokens the judge may write.")
 
@@ -186,9 +194,59 @@ class SelfFilter(WireModel):
 class DiversityFilter(WireModel):
     keep: Fraction = Field(
         0.5,
-        description="Fraction kept by k-center greedy over mean-pooled, L2-normalized "
-        "last hidden states of the base model (LTD).",
+        description="Fraction kept (LTD): mean-pooled, L2-normalized last hidden states of the base "
+        "model, clustered by mini-batch K-means, then k-center greedy inside each cluster with the "
+        "budget shared by cluster size.",
     )
+    clusters: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="K-means clusters; unset: ceil(sqrt(n/2)) for n candidates; 1: plain k-center greedy "
+        "over all candidates (quadratic in n).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of K-means (sampling and k-means++ init); the round is added.")
+
+
+class RewardModelFilter(WireModel):
+    model: ModelRef = Field(
+        ..., description="Sequence-classification reward model (one output, e.g. a `...ForSequenceClassification` "
+        "with num_labels 1): an s3:// or file:// URI of a Hugging Face model folder, a path, or hf://ORG/NAME[@REVISION].",
+    )
+    keep: Fraction | None = Field(None, description="Keep this fraction of candidates, highest reward first (set this or minScore).")
+    min_score: float | None = Field(None, description="Keep candidates whose reward is at least this (set this or keep).")
+    batch_size: int = Field(16, ge=1, le=4096, description="Candidates scored per forward pass (padded, masked).")
+    max_length: int = Field(2048, ge=16, le=131072, description="Tokens of question + path scored, at most (longer: truncated, counted).")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "RewardModelFilter":
+        if (self.keep is None) == (self.min_score is None):
+            raise ValueError("keep: set exactly one of keep, minScore")
+        return self
+
+
+class CorrectFilter(WireModel):
+    max_per_question: int | None = Field(
+        None, ge=1, le=1024,
+        description="Correct paths kept per question, at most (ReST-EM keeps 10); unset: all. Earlier paths first.",
+    )
+    dedup: Literal["none", "equations"] = Field(
+        "equations",
+        description="`equations` (RFT): keep one path per distinct equation list, the `<<a*b=c>>` calculator "
+        "annotations when a path has any, else its plain-text `expression = number` equations; `none`: keep duplicates.",
+    )
+    rationalize: bool = Field(
+        False,
+        description="STaR rationalization: a question with no correct path is re-prompted with its gold answer as a "
+        "hint; a rationale reaching that answer is kept, trained on the original prompt (the hint is never kept).",
+    )
+    rationalize_paths: int = Field(1, ge=1, le=64, description="Rationales sampled per question without a correct path.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="Rationalization sampling temperature (0: greedy).")
+    max_tokens: int = Field(512, ge=1, le=32768, description="Tokens a rationale may take.")
+
+    @model_validator(mode="after")
+    def _sampled(self) -> "CorrectFilter":
+        if self.rationalize_paths > 1 and self.temperature == 0:
+            raise ValueError("temperature: must be > 0 when rationalizePaths > 1 (greedy rationales are identical)")
+        return self
 
 
 # The built-in filters (filter_registry.py explains how to add one). Order: the order of the
@@ -205,7 +263,13 @@ register_filter("judge", JudgeFilter, "selfimprove_workers.stages.filter:judge",
 register_filter("self", SelfFilter, "selfimprove_workers.stages.filter:self_rating",
                 "Self-evaluation filter (the model rates itself).", uses_model=True)
 register_filter("diversity", DiversityFilter, "selfimprove_workers.stages.filter:diversity",
-                "Coreset filter (LTD).", uses_model=True)
+                "Coreset filter (LTD): K-means, then k-center greedy per cluster.", uses_model=True)
+register_filter("rewardModel", RewardModelFilter, "selfimprove_workers.stages.filter_extra:reward_model",
+                "Reward-model filter (IWSI's RM baseline): a sequence-classification model scores question + path.",
+                uses_model=True)
+register_filter("correct", CorrectFilter, "selfimprove_workers.stages.filter_extra:correct",
+                "Label-aware filter (STaR / RFT / ReST-EM): paths whose answer matches the gold answer in "
+                "`data.questions`.", requires=("data.questions",), uses_model=True, labels=True)
 
 
 def _known_filters() -> str:

@@ -45,7 +45,7 @@ from ..errors import BadInput, DataError
 from ..filter_registry import FILTERS
 from ..prompts import cot_completion, render_prompt, render_target, uses_chat_template
 from ..runtime import StageContext, StageOutcome
-from ..selection import ds_keep, ds_value, importance_weight, k_center_greedy, parse_score, top_fraction
+from ..selection import ds_keep, ds_value, importance_weight, parse_score, top_fraction
 from ..spec import (
     ConsistencyFilter,
     DistributionShiftFilter,
@@ -79,11 +79,13 @@ class Candidate:
     confidence: float
     entropy: float
     scores: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None    # the gold answer, set by a label-aware filter (→ answer)
 
     def row(self) -> dict[str, Any]:
         return {"id": f"{self.id}#{self.path}", "question": self.question, "cot": self.text,
-                "answer": self.majority, "questionId": self.id, "path": self.path,
-                "pathAnswer": self.answer, "confidence": self.confidence, "entropy": self.entropy,
+                "answer": self.majority if self.label is None else self.label, "questionId": self.id,
+                "path": self.path, "pathAnswer": self.answer, "confidence": self.confidence,
+                "entropy": self.entropy, **({"label": self.label} if self.label is not None else {}),
                 **self.scores}
 
 
@@ -178,6 +180,7 @@ class FilterRun:
     ctx: StageContext
     pool: EnginePool
     validation: list[tuple[str, str, str]]   # (question, cot, answer) of inputs.validation
+    labels: dict[str, Any] = field(default_factory=dict)  # question id → data.Example, for label-aware filters
 
 
 FilterFn = Callable[[FilterRun, list[Candidate], Any], tuple[list[Candidate], dict[str, Any]]]
@@ -310,14 +313,21 @@ def diversity(fr: FilterRun, cands: list[Candidate], spec: DiversityFilter) -> t
 
     if not cands:
         return [], {"keep": spec.keep}
+    from ..coreset import ltd_coreset
+
     engine = fr.pool.get(fr.ctx.task.model.base)
-    vectors = np.asarray(engine.embed([f"{c.question}\n{c.text}" for c in cands]))
+    vectors = np.asarray(engine.embed([f"{c.question}\n{c.text}" for c in cands]), dtype=np.float32)
     k = math.ceil(spec.keep * len(cands))
-    chosen = k_center_greedy(vectors, k)
-    for rank, i in enumerate(chosen):
+    core = ltd_coreset(vectors, k=k, clusters=spec.clusters, seed=spec.seed + fr.ctx.task.round)
+    for rank, i in enumerate(core.chosen):
         cands[i].scores["coresetRank"] = rank
-    keep = set(chosen)
-    return [c for i, c in enumerate(cands) if i in keep], {"keep": spec.keep, "target": k}
+    for i, c in enumerate(cands):
+        c.scores["cluster"] = int(core.labels[i])
+    keep = set(core.chosen)
+    return [c for i, c in enumerate(cands) if i in keep], {
+        "keep": spec.keep, "target": k, "clusters": core.clusters,
+        "nonEmptyClusters": int(len(set(core.labels.tolist()))),
+    }
 
 
 # --------------------------------------------------------------------------- the stage
@@ -346,12 +356,18 @@ def run(ctx: StageContext) -> StageOutcome:
     validation = load_validation(ctx, task.prompting.answer) if "distributionShift" in kinds else []
     if "self" in kinds and task.model.adapter:
         ctx.local_dir(task.model.adapter)  # fetch (and fail on a bad URI) before any model loads
+    labels = None
+    if any(FILTERS[k].labels for k in kinds):
+        from .filter_extra import load_labels
+
+        labels = load_labels(ctx, [i for i, f in enumerate(task.filters) if FILTERS[f.kind].labels][0])
     n_candidates = len(cands)
     ctx.log.info(f"{n_candidates} candidates from {len(votes)} questions "
                  f"({no_majority} paths of questions without an answer left out); filters: {', '.join(kinds)}")
 
-    pool = EnginePool(ctx, lora_for_base="self" in kinds and task.model.adapter is not None)
-    fr = FilterRun(ctx, pool, validation)
+    rationalize = any(getattr(f.get("correct"), "rationalize", False) for f in task.filters)
+    pool = EnginePool(ctx, lora_for_base=("self" in kinds or rationalize) and task.model.adapter is not None)
+    fr = FilterRun(ctx, pool, validation, labels or {})
     steps: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     try:
