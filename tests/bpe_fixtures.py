@@ -5,6 +5,11 @@ in runs of at most three, a letter run takes one leading non-letter), BOS
 `<|begin_of_text|>` prepended, EOS = the end-of-turn `<|eot_id|>`, no pad token of its own (the
 engines pad with EOS, as for real Llama-3 checkpoints), and Llama-3's chat template with a
 system turn and `add_generation_prompt`.
+
+`bpe_model_dir` puts it on a tiny random Llama configured like Llama-3.1: grouped-query
+attention (4 query heads, 2 KV heads), RoPE theta 500000, untied input/output embeddings, no
+pad id, `eos_token_id` listing `<|eot_id|>` and `<|end_of_text|>`. Its final norm is scaled
+like `train_fixtures.train_model_dir`'s so that LoRA can make its logits confident.
 """
 
 from __future__ import annotations
@@ -15,15 +20,23 @@ from typing import Any
 
 import pytest
 
-__all__ = ["bpe_tokenizer"]
+__all__ = ["bpe_tokenizer", "bpe_model_dir"]
 
 GSM8K = Path("/work/shared/data/gsm8k/train.jsonl")
 SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-BOS, EOT = "<|begin_of_text|>", "<|eot_id|>"
-SPECIAL = [BOS, EOT, "<|start_header_id|>", "<|end_header_id|>"]
+BOS, EOT, EOTEXT = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
+SPECIAL = [BOS, EOT, EOTEXT, "<|start_header_id|>", "<|end_header_id|>"]
+# Llama-3.2's template in miniature: the system header carries a date, from `strftime_now`
+# unless `date_string` is passed (prompts.CHAT_KWARGS pins it).
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
+    "{{ bos_token }}"
+    "{% if date_string is not defined %}{% if strftime_now is defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+    "{% else %}{% set date_string = '26 Jul 2024' %}{% endif %}{% endif %}"
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday Date: ' + date_string + '\n\n' + system + '<|eot_id|>' }}"
+    "{% for m in messages %}"
     "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
@@ -64,3 +77,20 @@ def build_bpe_tokenizer(vocab_size: int = 3000) -> Any:
 @pytest.fixture(scope="session")
 def bpe_tokenizer() -> Any:
     return build_bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bpe_model_dir(bpe_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from selfimprove_workers.demo.tinymodel import build_tiny_llama
+    from train_fixtures import LOGIT_SCALE
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_llama(tmp_path_factory.mktemp("bpe-llama"), tokenizer=bpe_tokenizer, hidden=128, heads=4,
+                            kv_heads=2, rope_theta=500000.0, tie_embeddings=False, max_positions=2048,
+                            extra_eos_ids=[bpe_tokenizer.convert_tokens_to_ids(EOTEXT)])
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(LOGIT_SCALE)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path

@@ -12,6 +12,8 @@ import re
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import Field, create_model, model_validator
+from selfimprove_workers.exemplars import ExemplarsSpec
+from selfimprove_workers.model_refs import ModelRef
 from selfimprove_workers.spec import (
     AugmentSpec,
     EngineSpec,
@@ -24,7 +26,6 @@ from selfimprove_workers.spec import (
     Uri,
     WireModel,
 )
-from selfimprove_workers.exemplars import ExemplarsSpec
 from selfimprove_workers.stage_registry import STAGES, phases, stage_names
 
 from .strategies import spec_rules, strategy_names
@@ -58,11 +59,13 @@ CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded", "Failed", "S
 
 # =========================================================================== spec
 class ModelSpec(WireModel):
-    base: Uri = Field(
+    base: ModelRef = Field(
         ...,
-        description="Base model weights: an s3:// or file:// URI of a Hugging Face model folder, or a path.",
+        description="Base model weights: an s3:// or file:// URI of a Hugging Face model folder, a path "
+        "(e.g. on the model-cache volume), or a Hugging Face Hub repo, hf://ORG/NAME or hf://ORG/NAME@REVISION "
+        "(downloaded once into the model cache, with HF_TOKEN from the storage secret when set).",
     )
-    teacher: Uri | None = Field(
+    teacher: ModelRef | None = Field(
         None, description="Teacher model: LLM2LLM's augmentation and the judge (defaults to base); "
         "with strategy lmsi-teacher it samples and votes, and `base` is the student it teaches."
     )

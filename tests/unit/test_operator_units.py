@@ -95,6 +95,7 @@ def test_job_carries_the_task_owner_labels_and_restricted_pod():
         "AWS_ACCESS_KEY_ID": {"name": "creds", "key": "AWS_ACCESS_KEY_ID", "optional": False},
         "AWS_SECRET_ACCESS_KEY": {"name": "creds", "key": "AWS_SECRET_ACCESS_KEY", "optional": False},
         "AWS_SESSION_TOKEN": {"name": "creds", "key": "AWS_SESSION_TOKEN", "optional": True},
+        "HF_TOKEN": {"name": "creds", "key": "HF_TOKEN", "optional": True},
     }
     js = job["spec"]
     assert js["backoffLimit"] == 0 and js["ttlSecondsAfterFinished"] == 3600 and "suspend" not in js

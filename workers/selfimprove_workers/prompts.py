@@ -24,6 +24,11 @@ COT_TRIGGER = "Let's think step by step."
 ANSWER_TEMPLATE = "The answer is {answer}."
 # A model that starts the next "Question:" has finished its answer (sampling and evaluation).
 STOP_SEQUENCES = ("\nQuestion:",)
+# Passed to every chat template. Llama-3.x templates put "Today Date: …" in their system
+# header, from `strftime_now` when the renderer offers it (transformers does) unless
+# `date_string` is given: a run crossing midnight would sample, train and evaluate on different
+# prompts. The date Llama-3.1's own template defaults to pins it; templates ignore unknown names.
+CHAT_KWARGS: dict[str, Any] = {"date_string": "26 Jul 2024"}
 
 
 def answer_sentence(answer: str, template: str = ANSWER_TEMPLATE) -> str:
@@ -79,10 +84,43 @@ def render_prompt(
     """The full prompt a model sees. Completions are generated (or trained) right after it."""
     text = render_user_text(task, question, fmt, exemplars)
     if uses_chat_template(task, tokenizer):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "system", "content": task.system.strip()}] if task.system else []
+        messages.append({"role": "user", "content": text})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **CHAT_KWARGS)
     return text
+
+
+def answer_end_id(task: TaskSpec, tokenizer: Any) -> int | None:
+    """The token an answer ends with: what training appends and where generation stops.
+
+    Under a chat template, the special token the template writes right after the assistant's
+    content — Llama-3's `<|eot_id|>`, Qwen's `<|im_end|>`, Mistral's `</s>` — which need not
+    be the tokenizer's EOS (early Llama-3-Instruct tokenizers had `<|end_of_text|>` there, and
+    a model taught that would not end its turns the way its template does). Otherwise, and when
+    the template writes no special token there, the tokenizer's EOS.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not uses_chat_template(task, tokenizer):
+        return eos
+    mark = "\u2063ANSWER\u2063"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}],
+            tokenize=False, **CHAT_KWARGS)
+    except Exception:  # a template that refuses this conversation says nothing about its ends
+        return eos
+    if mark not in text:
+        return eos
+    rest = tokenizer(text.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return rest[0] if rest and rest[0] in special else eos
+
+
+def answer_stop_ids(task: TaskSpec, tokenizer: Any) -> tuple[int, ...]:
+    """`GenerationParams.stop_token_ids` for prompts of `render_prompt`: generation ends where
+    training taught answers to end, whatever the model's own EOS list says."""
+    end = answer_end_id(task, tokenizer)
+    return () if end is None else (end,)
 
 
 def render_target(fmt: PromptFormat, cot: str | None, answer: str, chat: bool = False,

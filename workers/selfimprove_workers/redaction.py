@@ -31,7 +31,8 @@ What is removed (each replaced by ``***``):
      ``X-Amz-Credential``, ``X-Amz-Security-Token``, ``AWSAccessKeyId`` but not ``max_tokens``,
      ``tokenizer``, ``pad_token`` (tokenizer special tokens), ``signature_version``,
      ``secretRef``/``secretName`` (names of Kubernetes Secrets, not their contents);
-   - AWS access key ids (``AKIA``/``ASIA`` + 16 upper-case letters or digits).
+   - AWS access key ids (``AKIA``/``ASIA`` + 16 upper-case letters or digits) and Hugging Face
+     user access tokens (``hf_`` + 30 or more letters and digits).
 
 Guarantees: :func:`redact` never raises (if redacting fails, the message is withheld rather than
 shown unredacted) and is idempotent: ``redact(redact(x)) == redact(x)``.
@@ -56,9 +57,9 @@ __all__ = [
     "secret_values",
 ]
 
-#: Environment variables whose values are credentials. The project reads S3 credentials only
-#: (through boto3's standard chain); models are local directories, so no Hugging Face token.
-CREDENTIAL_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+#: Environment variables whose values are credentials: S3's (boto3's standard chain) and the
+#: Hugging Face token that downloads gated or private hf:// models.
+CREDENTIAL_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN")
 #: Values shorter than this are not redacted by value (see the module docstring).
 MIN_SECRET_LENGTH = 8
 MASK = "***"
@@ -157,6 +158,7 @@ def is_credential_key(key: str) -> bool:
 
 _BEARER = re.compile(r"(?<![\w-])(?P<head>(?i:bearer)[ \t]+)(?!\*\*\*)[A-Za-z0-9._~+/-]{8,}=*")
 _AWS_KEY_ID = re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])")
+_HF_TOKEN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])")
 _XML = re.compile(r"<(?P<key>[A-Za-z][\w.-]*)>(?P<value>[^<]*)</(?P=key)>")
 
 # A key (optionally quoted, the quote optionally escaped) and its separator. The value is parsed
@@ -217,7 +219,7 @@ def _redact(text: str, extra: Iterable[str | None]) -> str:
     text = _BEARER.sub(lambda m: m["head"] + MASK, text)
     text = _XML.sub(_xml, text)
     text = _key_values(text)
-    return _AWS_KEY_ID.sub(MASK, text)
+    return _HF_TOKEN.sub(MASK, _AWS_KEY_ID.sub(MASK, text))
 
 
 def redact(text: object, extra: Iterable[str | None] = ()) -> str:

@@ -30,6 +30,7 @@ from . import log
 from .constants import EXIT_BAD_INPUT, EXIT_OK, EXIT_TRANSIENT, MARKER_NAME
 from .contract import RESULT_FILE, StageName, StageResult, StageTask, full_result, now_rfc3339
 from .errors import BadInput, CorruptObjectError, InputChanged, StorageError
+from .model_refs import fetch_hf, is_hf_ref
 from .redaction import redact
 from .stage_registry import STAGES
 from .validation import describe
@@ -80,9 +81,11 @@ class StageContext:
             return Path(uri[len("file://"):])
         if "://" not in uri:
             return Path(uri)
+        cache = Path(os.environ.get(MODEL_CACHE_ENV, Path.home() / ".cache" / "selfimprove"))
+        if is_hf_ref(uri):
+            return fetch_hf(uri, cache)
         from .storage import download_dir
 
-        cache = Path(os.environ.get(MODEL_CACHE_ENV, Path.home() / ".cache" / "selfimprove"))
         target = cache / "models" / hashlib.sha256(uri.encode()).hexdigest()[:24]
         done = target / ".selfimprove-complete"
         if not done.exists():

@@ -34,7 +34,9 @@ CONTAINER = "worker"
 SHM_VOLUME = "dshm"
 CACHE_VOLUME = "model-cache"
 CACHE_ENV = "SELFIMPROVE_CACHE"  # selfimprove_workers.runtime.MODEL_CACHE_ENV
-CREDENTIAL_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+# (key, optional): HF_TOKEN reads gated or private hf:// models (selfimprove_workers.model_refs).
+CREDENTIAL_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True),
+                   ("HF_TOKEN", True))
 
 
 def owner_reference(run: Mapping[str, Any]) -> dict[str, Any]:

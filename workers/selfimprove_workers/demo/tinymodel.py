@@ -78,13 +78,16 @@ def build_tiny_llama(
     seed: int = 0,
     max_positions: int = 256,
     tie_embeddings: bool = True,
+    rope_theta: float = 10000.0,
+    extra_eos_ids: Iterable[int] = (),
 ) -> Path:
     """Save a random-weight `LlamaForCausalLM` and its tokenizer to `out_dir`; return the path.
 
     head_dim = hidden / heads must be 32 or 64 or more (a multiple of 16): vLLM's CPU attention
     only ships kernels for such sizes. The config carries everything vLLM reads:
     `max_position_embeddings`, bos/eos/pad ids, and a generation_config with `eos_token_id`,
-    without which generation would never stop at `</s>`.
+    without which generation would never stop at `</s>`. `extra_eos_ids` adds end tokens to
+    the config and generation_config the way Llama-3.1 lists `<|end_of_text|>` and `<|eot_id|>`.
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -95,6 +98,9 @@ def build_tiny_llama(
     if head_dim % 16 or head_dim < 32:
         raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs 32, 64, ... (multiple of 16)")
     tok = tokenizer if tokenizer is not None else build_tokenizer(vocab)
+    eos: int | list[int] = tok.eos_token_id
+    if extra := [i for i in extra_eos_ids if i != tok.eos_token_id]:
+        eos = [tok.eos_token_id, *extra]
     config = LlamaConfig(  # type: ignore[call-arg]  # transformers' stubs list only some kwargs
         vocab_size=len(tok),
         hidden_size=hidden,
@@ -105,10 +111,10 @@ def build_tiny_llama(
         head_dim=head_dim,
         max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_theta=rope_theta,
         tie_word_embeddings=tie_embeddings,
         bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=eos,
         pad_token_id=tok.pad_token_id,
         torch_dtype="float32",
     )
@@ -118,7 +124,7 @@ def build_tiny_llama(
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=eos,
         pad_token_id=tok.pad_token_id,
     )
     out = Path(out_dir)
@@ -128,7 +134,7 @@ def build_tiny_llama(
     (out / "tiny_model.json").write_text(
         json.dumps(dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads or heads,
                         intermediate=intermediate or 4 * hidden, seed=seed,
-                        max_positions=max_positions, tie_embeddings=tie_embeddings,
+                        max_positions=max_positions, tie_embeddings=tie_embeddings, rope_theta=rope_theta,
                         vocab_size=len(tok)), indent=1) + "\n"
     )
     return out

@@ -32,6 +32,9 @@ class GenerationParams:
     max_tokens: int = 512           # generated tokens per completion, at most
     seed: int | None = None         # base seed; each prompt draws from its own `prompt_seed`
     stop: tuple[str, ...] = ()      # the text ends before the first of these (not included)
+    # Tokens that end a completion besides the model's EOS ids (`hf.eos_token_ids`): the token a
+    # chat template ends an assistant turn with, which training teaches (prompts.answer_end_id).
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass

@@ -46,6 +46,30 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tok
 
 
+def eos_token_ids(model_dir: Path, tokenizer: Any) -> list[int]:
+    """Every token that ends a generation: the tokenizer's EOS and each `eos_token_id` of the
+    model's generation_config.json (an int or a list).
+
+    Instruct checkpoints often list several: Llama-3.1 ends a turn with `<|eot_id|>` and a text
+    with `<|end_of_text|>`, Qwen2.5 with `<|im_end|>` and `<|endoftext|>`, and some releases
+    shipped a tokenizer whose own EOS is not the one their chat turns end with. vLLM stops on the
+    union (SamplingParams.update_from_generation_config); the transformers engine must too, or
+    the two engines disagree on where an answer ends.
+    """
+    import json
+
+    ids: list[int] = []
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.append(tokenizer.eos_token_id)
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        extra = json.loads(path.read_text()).get("eos_token_id")
+        for i in [extra] if isinstance(extra, int) else (extra or []):
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
 def load_causal_lm(model_dir: Path, dtype: str, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM

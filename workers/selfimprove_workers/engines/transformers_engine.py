@@ -51,6 +51,7 @@ class TransformersEngine:
         self.dtype = hf.resolve_dtype(spec.dtype, self.device)
         self.seed = seed
         self.tokenizer = hf.load_tokenizer(model_dir)
+        self.eos_ids = hf.eos_token_ids(model_dir, self.tokenizer)
         self.model = hf.load_causal_lm(model_dir, self.dtype, self.device)
         self.max_model_len = hf.context_length(self.model, spec.max_model_len)
         self._peft: Any = None                   # the PeftModel once an adapter is loaded
@@ -123,7 +124,8 @@ class TransformersEngine:
             ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)
             mask[r, width - len(e):] = 1
         sample = params.temperature > 0
-        recorder = _FinishRecorder(tok, width, params.stop)
+        eos_ids = list(dict.fromkeys([*self.eos_ids, *params.stop_token_ids]))
+        recorder = _FinishRecorder(tok, width, params.stop, eos_ids)
         # A fresh GenerationConfig: the model's own may carry defaults (top_k=50, max_length)
         # that vLLM does not apply; these are exactly the engine-independent parameters.
         # max_length (prompt width + new tokens), not max_new_tokens: the model's config may set
@@ -131,7 +133,7 @@ class TransformersEngine:
         config = GenerationConfig(
             max_length=width + max_new,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=eos_ids or None,
             bos_token_id=tok.bos_token_id,
             do_sample=sample,
             num_return_sequences=params.n if sample else 1,
@@ -186,14 +188,15 @@ class _FinishRecorder(StoppingCriteria):
     step at which a row produced EOS or completed a stop string is the only exact length.
     """
 
-    def __init__(self, tokenizer: Any, prompt_width: int, stop: Sequence[str]):
+    def __init__(self, tokenizer: Any, prompt_width: int, stop: Sequence[str], eos_ids: Sequence[int]):
         self.tok = tokenizer
         self.width = prompt_width
         self.stop = tuple(stop)
-        eos = tokenizer.eos_token_id
-        self.eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
-        # Enough trailing tokens to contain any stop string (a token is at least one character).
-        self.window = max((len(s) for s in self.stop), default=0) + 2
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
+        # Enough trailing tokens to contain any stop string: a byte-level BPE token is at least
+        # one byte, so a string's UTF-8 length bounds its tokens (+2 for the tokens it starts or
+        # ends inside).
+        self.window = max((len(s.encode()) for s in self.stop), default=0) + 2
         self.ended: dict[int, tuple[int, str]] = {}
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:

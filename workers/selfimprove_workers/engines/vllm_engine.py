@@ -168,6 +168,8 @@ class VllmEngine:
                 max_tokens=completion_budget(len(e), params.max_tokens, self.max_model_len, f"prompt {i}"),
                 seed=None if params.seed is None else prompt_seed(params.seed, i),
                 stop=list(params.stop) or None,
+                # vLLM adds the tokenizer's EOS and generation_config's eos_token_id itself.
+                stop_token_ids=list(params.stop_token_ids) or None,
             )
             for i, e in enumerate(encoded)
         ]

@@ -32,7 +32,7 @@ from ..contract import OutputName
 from ..data import Example, load_examples, parse_example
 from ..engines.base import Engine, GenerationOutput, GenerationParams
 from ..errors import BadInput, DataError
-from ..prompts import STOP_SEQUENCES, render_prompt
+from ..prompts import STOP_SEQUENCES, answer_stop_ids, render_prompt
 from ..runtime import StageContext, StageOutcome
 from ..spec import AnswerSpec
 from ..storage import display_name, read_jsonl
@@ -79,7 +79,8 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
     try:
         questions = [ex.question for ex in (*eval_set, *seed_set, *val_set)]
         prompts = [render_prompt(task.prompting, q, fmt, engine.tokenizer, exemplars) for q in questions]
-        params = GenerationParams(n=1, temperature=0.0, max_tokens=spec.max_tokens, stop=STOP_SEQUENCES)
+        params = GenerationParams(n=1, temperature=0.0, max_tokens=spec.max_tokens, stop=STOP_SEQUENCES,
+                                  stop_token_ids=answer_stop_ids(task.prompting, engine.tokenizer))
         ctx.log.info(f"generating {len(prompts)} greedy answers ({fmt}, "
                      f"{'adapter ' + adapter if adapter else 'base model'})")
         t0 = time.perf_counter()

@@ -18,13 +18,14 @@ generatedTokens, tokensPerSecond (generated tokens over the generate call's wall
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from ..answers import extract_answer
 from ..data import load_examples
 from ..engines.base import GenerationParams
 from ..errors import BadInput
-from ..prompts import STOP_SEQUENCES, render_prompt
+from ..prompts import STOP_SEQUENCES, answer_stop_ids, render_prompt
 from ..runtime import StageContext, StageOutcome
 from ..storage import display_name
 from ..training.data import load_exemplars, resolve_format
@@ -61,6 +62,7 @@ def run(ctx: StageContext) -> StageOutcome:
                                         gpus=task.gpus, seed=seed, workdir=ctx.workdir)
     try:
         prompts = [render_prompt(task.prompting, q.question, fmt, engine.tokenizer, exemplars) for q in questions]
+        params = replace(params, stop_token_ids=answer_stop_ids(task.prompting, engine.tokenizer))
         total = len(prompts) * spec.paths
         ctx.log.info(f"sampling {spec.paths} paths for {len(prompts)} questions ({fmt}, "
                      f"T={spec.temperature}, {'adapter ' + adapter if adapter else 'base model'})")

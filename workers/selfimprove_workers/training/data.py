@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import BadInput, DataError
-from ..prompts import ANSWER_TEMPLATE, TrainingRow, render_prompt, render_target, training_row, uses_chat_template
+from ..prompts import ANSWER_TEMPLATE, TrainingRow, answer_end_id, render_prompt, render_target, training_row, uses_chat_template
 from ..spec import FewShotExample, PromptFormat, TaskSpec
 from ..storage import Storage, display_name, read_jsonl
 
@@ -192,7 +192,7 @@ def encode_examples(
     BOS. An example is dropped, and counted, only when even its answer does not fit after one
     prompt token.
     """
-    eos = tokenizer.eos_token_id
+    eos = answer_end_id(task, tokenizer)
     if eos is None:
         raise BadInput("model.base: the tokenizer has no EOS token; training could not teach the model to stop")
     formats = list(formats)
