@@ -59,7 +59,7 @@ def markers(run_dir: Path) -> dict[str, str]:
     return {str(p.parent.relative_to(run_dir)): p.read_text() for p in sorted(run_dir.glob("round-*/*/_SUCCESS"))}
 
 
-def test_shortened_demo_killed_during_training_resumes(tmp_path, tiny_model_dir):
+def test_shortened_demo_killed_during_training_resumes(tmp_path, tiny_model_dir, s3_server, s3_bucket):
     require_vllm()
     data = tmp_path / "data"
     write_splits(data, seed=0, n_warm=4, n_unlabeled=6, n_eval=6)
@@ -72,17 +72,27 @@ def test_shortened_demo_killed_during_training_resumes(tmp_path, tiny_model_dir)
     # First run: kill the runner (SIGKILL, no chance to clean up) as soon as training starts.
     runner = cli("run", str(manifest), "--storage", str(storage), "--workdir", str(work))
     deadline = time.time() + 600
+    progress_seen = []
     while True:
         assert runner.poll() is None, runner.stdout.read()
         assert time.time() < deadline, "training never started"
         if status_file.exists():
-            status = json.loads(status_file.read_text())
+            try:
+                status = json.loads(status_file.read_text())
+            except ValueError:  # caught mid-write
+                continue
+            if status.get("progress"):
+                progress_seen.append(status["progress"])
             stages = {(r["round"], s["name"]): s for r in status["rounds"] for s in r["stages"]}
             if stages.get((1, "train"), {}).get("state") == "Running":
                 break
         time.sleep(0.2)
     runner.send_signal(signal.SIGKILL)
     runner.wait(timeout=60)
+    # The running stages' progress reached the saved status (what the live view shows, too).
+    assert progress_seen, "no status.progress while stages ran"
+    assert all(p["total"] > 0 and 0 <= p["percent"] <= 100 and p["unit"] and p["lastUpdate"] for p in progress_seen)
+    assert {p["stage"] for p in progress_seen} & {"evaluate", "sample", "filter"}
     before = markers(run_dir)
     assert set(before) == {"round-000/evaluate", "round-001/sample", "round-001/filter"}
 
@@ -142,6 +152,19 @@ def test_shortened_demo_killed_during_training_resumes(tmp_path, tiny_model_dir)
     assert done.returncode == 0, done.stderr
     assert "calibration from" in done.stdout and "unlabeled.answers.jsonl" in done.stdout  # the demo data's answer key
     check_report(report_file.read_text(), status)
+
+    # The same run's artifacts in S3, as a cluster run leaves them: the report from the s3:// prefix.
+    client = s3_server.client()
+    bucket = s3_bucket[len("s3://"):]
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"runs/ml/e2e-0123abcd/{path.relative_to(run_dir)}")
+    from_s3 = tmp_path / "report-s3.html"
+    done = subprocess.run([sys.executable, "-m", "selfimprove_operator.cli", "report", f"{s3_bucket}/runs/ml/e2e-0123abcd/",
+                           "--endpoint", s3_server.endpoint, "--labels", str(data / "unlabeled.answers.jsonl"), "-o", str(from_s3)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **s3_server.env})
+    assert done.returncode == 0, done.stderr
+    check_report(from_s3.read_text(), status)
 
 
 def check_report(page: str, status: dict) -> None:
