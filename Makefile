@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint test test-fast demo crd clean
+.PHONY: venv lint test test-fast demo crd gsm8k-data clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,13 @@ demo: $(STAMP)
 
 crd: $(STAMP)
 	$(VENV)/bin/selfimprove crd
+
+# The files examples/*-gsm8k.yaml name. GSM8K_OUT: a directory or s3://bucket/prefix/ (S3
+# credentials and AWS_ENDPOINT_URL from the environment, as boto3 reads them).
+GSM8K_SOURCE ?= ../shared/data/gsm8k
+GSM8K_OUT ?= s3://datasets/gsm8k/
+gsm8k-data: $(STAMP)
+	$(VENV)/bin/selfimprove data gsm8k --source $(GSM8K_SOURCE) --out $(GSM8K_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -83,6 +83,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.seed, storage=args.storage, cache=Path(args.cache), manifest=Path(args.manifest))
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .datasets import DatasetError, prepare_gsm8k
+
+    try:
+        done = prepare_gsm8k(args.source, args.out, seed=args.seed, endpoint=args.endpoint)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, n in done.counts.items():
+        print(f"wrote {done.out}{name}: {n} rows")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .local import StatusStore, local_run
     from .view import summary
@@ -168,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=".cache/demo", help="where the data and warm-started model are kept")
     p.add_argument("--manifest", default="examples/local-arithmetic.yaml", help="the demo's run manifest")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("data", help="write a dataset's files as the example manifests name them")
+    p.add_argument("dataset", choices=["gsm8k"])
+    p.add_argument("--source", default="../shared/data/gsm8k", help="folder with GSM8K's train.jsonl and test.jsonl")
+    p.add_argument("--out", required=True, help="a directory or an s3://bucket/prefix/ (the examples use s3://datasets/gsm8k/)")
+    p.add_argument("--seed", type=int, default=0, help="which train examples are held out as valid-100 / seed-100")
+    p.add_argument("--endpoint", help="S3 endpoint URL (MinIO, Ceph, …)")
+    p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("status", help="print the rounds table of a local run")
     p.add_argument("file", metavar="FILE")
