@@ -281,6 +281,7 @@ def test_operator_reads_the_chart_settings(chart, monkeypatch, name):
     assert config.standalone == (not op["standby"]["enabled"])
     assert config.peering_name == op["standby"]["peeringName"]
     assert config.workers == op["concurrency"] and config.verbose == op["verbose"]
+    assert (config.progress_interval, config.progress_rate) == (op["progress"]["intervalSeconds"], op["progress"]["readsPerSecond"])
     assert config.log_format == op["logFormat"]
     assert config.reporting_instance == "pod-0"
 
@@ -558,6 +559,8 @@ BAD_VALUES = {
     "stage uid root": {"worker": {"runAsUser": 0}},
     "cache path": {"worker": {"modelCache": {"claimName": "models", "mountPath": "cache"}}},
     "node selector value": {"worker": {"nodeSelector": {"gpu": 1}}},
+    "progress interval": {"operator": {"progress": {"intervalSeconds": -1}}},
+    "progress rate": {"operator": {"progress": {"readsPerSecond": 0}}},
     "dashboard flag": {"operator": {"metrics": {"grafanaDashboard": {"enabled": "true"}}}},
     "dashboard label value": {"operator": {"metrics": {"grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": 1}}}}},
     "dashboard namespace": {"operator": {"metrics": {"grafanaDashboard": {"namespace": "Monitoring"}}}},
