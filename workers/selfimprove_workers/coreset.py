@@ -35,6 +35,8 @@ __all__ = ["Coreset", "auto_clusters", "share_budget", "minibatch_kmeans", "k_ce
 
 # Rows per chunk in the distance passes: bounds the temporary (CHUNK × C floats) at any n.
 CHUNK = 16384
+# Padded rows a group of clusters takes in the batched k-center (× d floats: ~12 MB at d = 384).
+GROUP_ROWS = 8192
 
 
 def _sq_norms(x: np.ndarray) -> np.ndarray:
@@ -61,35 +63,63 @@ def _nearest_to_mean(x: np.ndarray) -> int:
 
 
 def k_center_greedy_fast(x: np.ndarray, k: int) -> list[int]:
-    """`selection.k_center_greedy`'s selection, in x's dtype (float32 unless given float64).
+    """`selection.k_center_greedy`'s selection, in x's dtype (float32 unless given float64)."""
+    return k_center_group([x], [k])[0]
 
-    One matrix-vector product per step on torch's CPU kernels, single-threaded: a cluster
-    (n_c × d floats, a few MB) stays in cache, and a multi-threaded BLAS call per step costs
-    more in thread hand-offs than the product itself (measured 5-8× slower on a busy 2-core
-    machine); `ltd_coreset` runs clusters in parallel instead.
+
+def k_center_group(xs: Sequence[np.ndarray], ks: Sequence[int]) -> list[list[int]]:
+    """k-center greedy in each of several point sets at once, one batched step for all of them.
+
+    The sets are stacked (padded to the largest): the element-wise work of a step (distance,
+    minimum, argmax) runs once for the group, a matrix-vector product per set, and a group of a
+    few MB stays in cache. Padding rows start at −2 and never win an argmax; a set
+    whose budget is reached stops appending. Single-threaded torch kernels: `per_cluster_k_center`
+    runs groups in parallel (one multi-threaded BLAS call per small step costs more in thread
+    hand-offs than the product itself).
     """
     import torch
 
-    n = x.shape[0]
-    k = max(0, min(k, n))
-    if k == 0:
-        return []
-    dtype = np.float64 if x.dtype == np.float64 else np.float32
-    x = np.ascontiguousarray(x, dtype=dtype)
-    start = _nearest_to_mean(x)
+    ks = [max(0, min(k, x.shape[0])) for x, k in zip(xs, ks)]
+    out: list[list[int]] = [[] for _ in xs]
+    live = [i for i, k in enumerate(ks) if k > 0]
+    if not live:
+        return out
+    dtype = np.float64 if all(xs[i].dtype == np.float64 for i in live) else np.float32
+    m = max(xs[i].shape[0] for i in live)
+    d = xs[live[0]].shape[1]
+    stack = np.zeros((len(live), m, d), dtype=dtype)
+    for b, i in enumerate(live):
+        stack[b, : xs[i].shape[0]] = xs[i]
+    starts = [_nearest_to_mean(np.ascontiguousarray(xs[i], dtype=dtype)) for i in live]
     with torch.inference_mode():
-        t = torch.from_numpy(x)
-        sq = (t * t).sum(dim=1)
-        chosen = [start]
-        nearest = torch.clamp(sq - 2.0 * torch.mv(t, t[start]) + sq[start], min=0.0)
-        nearest[start] = -1.0
-        while len(chosen) < k:
-            nxt = int(torch.argmax(nearest))  # first maximum: lowest index on ties
-            chosen.append(nxt)
-            d = torch.clamp(sq - 2.0 * torch.mv(t, t[nxt]) + sq[nxt], min=0.0)  # rounding: ‖x − x‖² ≥ 0
-            torch.minimum(nearest, d, out=nearest)  # d ≥ 0: chosen points stay −1
-            nearest[nxt] = -1.0
-    return chosen
+        t = torch.from_numpy(stack)
+        sq = (t * t).sum(dim=2)                                   # (B, m)
+        rows = torch.arange(len(live))
+        pick = torch.tensor(starts)
+        nearest = torch.full((len(live), m), -2.0, dtype=t.dtype)  # padding: never chosen
+        for b, i in enumerate(live):
+            nearest[b, : xs[i].shape[0]] = 0.0
+        valid = nearest > -2.0
+        prod = torch.empty((len(live), m), dtype=t.dtype)
+        first = True
+        for step in range(max(ks[i] for i in live)):
+            for b, i in enumerate(live):
+                if step < ks[i]:
+                    out[i].append(int(pick[b]))
+            if step + 1 == max(ks[i] for i in live):
+                break
+            for b in range(len(live)):  # one mv each: torch's bmm with one column is ~5× slower
+                torch.mv(t[b], t[b, pick[b]], out=prod[b])
+            dist = sq - 2.0 * prod + sq[rows, pick].unsqueeze(1)
+            dist = torch.clamp(dist, min=0.0)                        # rounding: ‖x − x‖² ≥ 0
+            if first:
+                nearest = torch.where(valid, dist, nearest)
+                first = False
+            else:
+                nearest = torch.where(valid, torch.minimum(nearest, dist), nearest)
+            nearest[rows, pick] = -1.0                               # chosen: never again
+            pick = torch.argmax(nearest, dim=1)                      # first maximum: lowest index
+    return out
 
 
 def auto_clusters(n: int) -> int:
@@ -207,26 +237,41 @@ def ltd_coreset(x: np.ndarray, keep: float | None = None, k: int | None = None, 
 
 
 def per_cluster_k_center(x: np.ndarray, members: Sequence[np.ndarray], budget: Sequence[int],
-                         threads: int | None = None) -> list[list[int]]:
-    """k-center greedy inside each cluster (indices into x), clusters spread over `threads`
-    threads (default: the CPUs), each single-threaded; results in cluster order, so the
-    outcome does not depend on the thread count."""
+                         threads: int | None = None, group_rows: int = GROUP_ROWS) -> list[list[int]]:
+    """k-center greedy inside each cluster (indices into x). Clusters of similar size are
+    grouped (`k_center_group`, at most `group_rows` padded rows a group) and groups spread over
+    `threads` threads (default: the CPUs), each single-threaded; results in cluster order and
+    independent of the grouping, so the outcome does not depend on the thread count."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    def one(j: int) -> list[int]:
-        idx = members[j]
-        return [int(idx[i]) for i in k_center_greedy_fast(x[idx], budget[j])] if budget[j] else []
+    order = sorted((j for j in range(len(members)) if budget[j]), key=lambda j: (len(members[j]), j))
+    groups: list[list[int]] = []
+    for j in order:
+        if groups and len(members[j]) * (len(groups[-1]) + 1) <= group_rows:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+
+    def run(group: list[int]) -> list[tuple[int, list[int]]]:
+        picked = k_center_group([x[members[j]] for j in group], [budget[j] for j in group])
+        return [(j, [int(members[j][i]) for i in p]) for j, p in zip(group, picked)]
 
     workers = max(1, threads or os.cpu_count() or 1)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         if workers == 1:
-            return [one(j) for j in range(len(members))]
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, range(len(members))))  # torch.mv releases the GIL
+            done = [run(g) for g in groups]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                done = list(pool.map(run, groups))  # torch's kernels release the GIL
     finally:
         torch.set_num_threads(before)
+    out: list[list[int]] = [[] for _ in members]
+    for part in done:
+        for j, picked in part:
+            out[j] = picked
+    return out
