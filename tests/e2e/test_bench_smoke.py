@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 BENCHES = {
     "bench_demo.py": ("vllm", ["seed  round  0  round  1   gain", "smallest gain:", "smoke run"], 900),
     "bench_lmsi_teacher.py": ("vllm", ["| round | student held-out acc |", "control (round 2's teacher sampling",
-                                       "smoke run"], 900),
+                                       "smoke run"], 1500),
     "bench_extraction.py": (None, ["extraction accuracy by style", "overall", "smoke run"], 60),
     "bench_operator.py": ("kmock", ["stage hand-off (Job complete → next Job created): median", "operator RSS:",
                                     "smoke run"], 300),
