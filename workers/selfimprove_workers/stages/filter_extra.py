@@ -151,7 +151,7 @@ def rationalize(fr: "FilterRun", questions: list[Example], like: dict[str, "Cand
                 spec: "CorrectFilter") -> list["Candidate"]:
     """Rationales for `questions`, sampled with the gold answer as a hint, as candidates whose
     question is the original one (path numbers from 10000 on, so they never collide)."""
-    from ..prompts import STOP_SEQUENCES, render_prompt
+    from ..prompts import STOP_SEQUENCES, answer_stop_ids, render_prompt
     from ..training.data import load_exemplars, resolve_format
     from .filter import Candidate
 
@@ -166,7 +166,8 @@ def rationalize(fr: "FilterRun", questions: list[Example], like: dict[str, "Cand
     prompts = [render_prompt(task.prompting, hinted_question(q.question, q.final or ""), fmt, engine.tokenizer, exemplars)
                for q in questions]
     params = GenerationParams(n=spec.rationalize_paths, temperature=spec.temperature, max_tokens=spec.max_tokens,
-                              seed=task.round, stop=STOP_SEQUENCES)
+                              seed=task.round, stop=STOP_SEQUENCES,
+                              stop_token_ids=answer_stop_ids(task.prompting, engine.tokenizer))  # as the sample stage
     outs = engine.generate(prompts, params, adapter=adapter)
     out: list[Candidate] = []
     for q, o in zip(questions, outs, strict=True):
