@@ -76,3 +76,17 @@ def test_deterministic_for_a_seed_and_exact_count() -> None:
     assert ltd_coreset(x[:0], keep=0.5).chosen == []
     with pytest.raises(ValueError, match="exactly one"):
         ltd_coreset(x, keep=0.5, k=3)
+
+
+def test_grouping_and_threads_do_not_change_the_selection() -> None:
+    x, _ = blobs([120, 40, 260, 80], d=8, seed=7)
+    core = ltd_coreset(x, keep=0.3, clusters=9, seed=1, threads=1)
+    assert ltd_coreset(x, keep=0.3, clusters=9, seed=1, threads=2).chosen == core.chosen
+    # Each cluster's picks are exactly the reference's on that cluster alone.
+    from selfimprove_workers.coreset import per_cluster_k_center
+
+    members = [np.flatnonzero(core.labels == j) for j in range(core.clusters)]
+    grouped = per_cluster_k_center(x, members, core.budget, threads=1, group_rows=1_000_000)
+    alone = per_cluster_k_center(x, members, core.budget, threads=1, group_rows=1)
+    assert grouped == alone
+    assert alone == [[int(m[i]) for i in k_center_greedy(x[m], k)] if k else [] for m, k in zip(members, core.budget)]

@@ -20,7 +20,9 @@ O(n·k·d) — with k = keep·n that is quadratic in n: GSM8K × 32 paths at kee
 With one cluster the result is the reference's, index for index, whenever float32 arithmetic
 is exact on the data (tests/unit/test_coreset.py checks integer-valued data and float64 inputs);
 on general float data the two can differ only where two distances tie within float32 rounding.
-Everything is deterministic for a given seed.
+The result is deterministic for a given seed and input on one machine (the sampling is
+seeded, ties go to the lower index, the thread count does not enter); another BLAS build may
+round K-means' distances differently and so move a point near a cluster boundary.
 """
 
 from __future__ import annotations
