@@ -10,6 +10,7 @@ tested with hand-computed numbers in test_selection.py.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,9 @@ def test_stages_end_to_end_with_vllm(tiny_model_dir: Path, tiny_adapter_dir: Pat
     assert steps[2]["out"] == steps[2]["in"]  # minScore 0 keeps every rating, readable or not
     kept = read_jsonl(fout / "kept.jsonl")
     assert kept and all({"ds", "dsWeight", "loss", "judgeScore", "coresetRank"} <= r.keys() for r in kept)
-    assert all(r["ds"] < steps[1]["threshold"] for r in kept if steps[1]["threshold"] is not None)
+    # exactly ⌊k·n⌋ (issue 13), none above IWSI's threshold (ties at it may be kept)
+    assert steps[1]["out"] == math.floor(0.8 * steps[1]["in"]) and steps[1]["n"] == steps[1]["in"]
+    assert all(r["ds"] <= steps[1]["threshold"] for r in kept if steps[1]["threshold"] is not None)
 
     # augment: the base model as teacher; its replies cannot be parsed
     aout = tmp_path / "augment"
@@ -187,8 +190,6 @@ def test_stages_end_to_end_with_transformers(tiny_model_dir: Path, tiny_adapter_
                                 {"self": {"keep": 0.5, "maxTokens": 6}}, {"diversity": {"keep": 0.5}}])
     summary = check_ok(*run_worker(filter_task, tmp_path))
     steps = check_filter(fout, summary, kinds)
-    import math
-
     assert steps[2]["out"] == math.ceil(0.5 * steps[2]["in"])
     assert steps[3]["out"] == math.ceil(0.5 * steps[3]["in"])
 

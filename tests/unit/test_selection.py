@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from selfimprove_workers.contract import StageTask
 from selfimprove_workers.selection import (
+    DS_MAX,
     ds_keep,
     ds_value,
     importance_weight,
     k_center_greedy,
     parse_score,
+    raw_ds,
     top_fraction,
 )
 from selfimprove_workers.spec import ConsistencyFilter, DistributionShiftFilter, EntropyFilter
@@ -73,8 +75,12 @@ def test_ds_worked_example() -> None:
     ds = [ds_value(x) for x in w]
     assert ds == pytest.approx([1.0, 2.0, 2.0, 5.0, 2.0, 1.25, 4.0])
     # sorted: [1.0, 1.25, 2.0, 2.0, 2.0, 4.0, 5.0]; n = 7
-    keep, th = ds_keep(ds, 0.5)  # index ⌊3.5⌋ = 3 → 2.0; keep DS < 2.0 (ties dropped)
-    assert th == 2.0 and keep == [True, False, False, False, False, True, False]
+    # ⌊3.5⌋ = 3 kept: 1.0, 1.25 and, of the three tied at the threshold 2.0, the first (the
+    # authors' strict `DS < 2.0` would keep 2 and, were all tied, none: issue 13).
+    keep, th = ds_keep(ds, 0.5)
+    assert th == 2.0 and keep == [True, True, False, False, False, True, False]
+    keep, _ = ds_keep(ds, 0.5, tiebreak=[0, 3, 1, 0, 2, 0, 0])  # the tie goes to the lowest key: index 2
+    assert keep == [True, False, True, False, False, True, False]
     keep, th = ds_keep(ds, 0.8)  # index ⌊5.6⌋ = 5 → 4.0
     assert th == 4.0 and keep == [True, True, True, False, True, True, False]
     keep, th = ds_keep(ds, 0.9)  # index ⌊6.3⌋ = 6 → 5.0: everything but DS = 5
@@ -82,6 +88,30 @@ def test_ds_worked_example() -> None:
     keep, th = ds_keep(ds, 1.0)  # index 7 ≥ n: no threshold, all kept
     assert th is None and all(keep)
     assert ds_keep([], 0.8) == ([], None)
+
+
+@pytest.mark.parametrize("n, k", [(10, 0.8), (7, 0.5), (100, 0.29), (3, 0.34), (1, 1.0), (5, 0.999)])
+def test_ds_keep_keeps_floor_k_n_when_every_weight_is_tied(n: int, k: float) -> None:
+    """All at a clip bound (every w' = 2 → DS = 2, or every w' = 0 → DS = 5): still ⌊k·n⌋."""
+    for value in (2.0, DS_MAX):
+        keep, th = ds_keep([value] * n, k)
+        want = n if k == 1.0 else {0.29: 29, 0.34: 1, 0.999: 4}.get(k, int(k * n))
+        assert sum(keep) == want
+        assert keep == [True] * want + [False] * (n - want)  # ties without a key: by position
+        assert th == (None if want == n else value)
+
+
+def test_ds_keep_small_n_can_keep_nothing() -> None:
+    assert ds_keep([1.0], 0.8) == ([False], 1.0)   # ⌊0.8⌋ = 0: the stage then fails (see below)
+    assert ds_keep([1.0, 1.5], 0.5) == ([True, False], 1.5)
+
+
+def test_raw_ds_orders_what_the_clip_made_equal() -> None:
+    # L̄v = 3: losses 1.0 and 0.5 both clip to w' = 2 (DS 2); unclipped 3 and 6, so 1.0 goes first.
+    assert ds_value(importance_weight(3.0, 1.0)) == ds_value(importance_weight(3.0, 0.5)) == 2.0
+    assert raw_ds(3.0, 1.0) == 3.0 and raw_ds(3.0, 0.5) == 6.0
+    assert raw_ds(1.0, 4.0) == 4.0 and raw_ds(1.0, 10.0) == 10.0  # below the cap the same shape as DS
+    assert raw_ds(1.0, 0.0) == float("inf")
 
 
 def test_ds_weight_edges() -> None:
@@ -131,6 +161,105 @@ def test_distribution_shift_filter_wires_losses_to_candidates() -> None:
     assert add_eos  # scored like the train stage: EOS included
     assert all("Let's think step by step." in p for p in prompts)  # the zero-shot CoT format
     assert targets[0] == " 1 + 1 = 2.\nThe answer is 2." and targets[2] == " " + cands[0].text
+
+
+def _ds_task(filters: list, tmp: str = "/tmp/unused", **inputs: str) -> StageTask:
+    return StageTask.model_validate({
+        "run": {"name": "r"}, "round": 1, "stage": "filter", "output": tmp,
+        "model": {"base": "/models/base"}, "inputs": {"samples": "s", "votes": "v", **inputs}, "filters": filters,
+    })
+
+
+def test_distribution_shift_every_weight_at_the_upper_bound_keeps_floor_k_n() -> None:
+    """The demo's case (issue 13): own samples' losses far below the validation loss, so every
+    w' = 2 and DS = 2. ⌊0.8·5⌋ = 4 are kept, the lowest unclipped ratio first, then by question
+    id and path whatever the input order; the report counts the weights at each bound."""
+    task = _ds_task([{"distributionShift": {"keep": 0.8}}])
+    losses = {("b", 0): 0.5, ("a", 1): 0.5, ("a", 0): 0.5, ("c", 0): 0.1, ("b", 1): 1.0}  # L̄v = 4 → all r ≥ 4
+    cands = [_candidate(q, p, "1", "1") for q, p in losses]
+    engine = _StubEngine([4.0, 4.0] + list(losses.values()))
+    log = SimpleNamespace(warnings=[])
+    ctx = SimpleNamespace(task=task, log=SimpleNamespace(warning=log.warnings.append))
+    fr = filter_stage.FilterRun(ctx, SimpleNamespace(get=lambda uri: engine), [("v1?", "c", "1"), ("v2?", "c", "2")])
+    kept, info = filter_stage.distribution_shift(fr, cands, DistributionShiftFilter(keep=0.8))
+    assert all(c.scores["ds"] == 2.0 and c.scores["dsWeight"] == 2.0 for c in cands)
+    # unclipped ratio: b1 4, a0 a1 b0 8, c0 40 → b1, then a0, a1, b0 by (id, path); c0 dropped
+    assert sorted((c.id, c.path) for c in kept) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert info["n"] == 5 and info["kept"] == 4 and info["threshold"] == 2.0
+    assert (info["weightsAtLowerBound"], info["weightsAtUpperBound"], info["dsAtMax"]) == (0, 5, 0)
+    assert len(log.warnings) == 1 and "every one of the 5 weights sits at a clip bound" in log.warnings[0]
+    # Identical losses: the tie goes by (question id, path), not by file order.
+    same = [_candidate(q, p, "1", "1") for q, p in [("b", 0), ("a", 1), ("a", 0)]]
+    engine.losses = [4.0, 4.0, 0.5, 0.5, 0.5]
+    kept, info = filter_stage.distribution_shift(fr, same, DistributionShiftFilter(keep=0.5))
+    assert [(c.id, c.path) for c in kept] == [("a", 0)]
+
+
+def test_distribution_shift_counts_weights_at_the_lower_bound() -> None:
+    task = _ds_task([{"distributionShift": {"keep": 0.5}}])
+    engine = _StubEngine([1.0, 0.0, 10.0, 1.0, 0.9])  # L̄v = 1: w' = 0 (L = 0), 0.1 (DS capped 5), 1, 1.11
+    ctx = SimpleNamespace(task=task, log=SimpleNamespace(warning=lambda m: None))
+    fr = filter_stage.FilterRun(ctx, SimpleNamespace(get=lambda uri: engine), [("v?", "c", "1")])
+    cands = [_candidate("a", i, "1", "1") for i in range(4)]
+    kept, info = filter_stage.distribution_shift(fr, cands, DistributionShiftFilter(keep=0.5))
+    assert [c.path for c in kept] == [2, 3]
+    assert (info["weightsAtLowerBound"], info["weightsAtUpperBound"], info["dsAtMax"]) == (1, 0, 2)
+
+
+def _write_stage_inputs(tmp_path, confidences: dict[str, float], paths: int = 1):
+    import json
+
+    samples, votes = tmp_path / "samples.jsonl", tmp_path / "votes.jsonl"
+    samples.write_text("".join(json.dumps({"id": q, "question": f"{q}?", "path": p, "text": f"{q} {p}. The answer is 1.",
+                                           "answer": "1"}) + "\n" for q in confidences for p in range(paths)))
+    votes.write_text("".join(json.dumps({"id": q, "majority": "1", "confidence": c, "entropy": 0.0}) + "\n"
+                             for q, c in confidences.items()))
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(json.dumps({"question": "v?", "answer": "1 + 1 = 2.\n#### 2"}) + "\n")
+    return {"samples": str(samples), "votes": str(votes), "validation": str(validation)}
+
+
+def test_filter_stage_fails_naming_the_filter_that_keeps_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfimprove_workers.errors import BadInput
+    from selfimprove_workers.runtime import StageContext
+
+    inputs = _write_stage_inputs(tmp_path, {"a": 0.5, "b": 0.5})
+    out = tmp_path / "out"
+    task = _ds_task([{"consistency": {"minConfidence": 0.9}}], str(out), **inputs)
+    with pytest.raises(BadInput, match=r"filters\[0\]\.consistency: kept none of the 2 candidates .*"
+                                       r"lower filters\[0\]\.consistency\.minConfidence \(now 0\.9\)"):
+        filter_stage.run(StageContext(task, tmp_path / "w"))
+    assert not (out / "kept.jsonl").exists()  # no empty file handed to training
+
+    # distributionShift on one candidate: ⌊0.8·1⌋ = 0.
+    engine = _StubEngine([3.0, 1.0])  # 1 validation + 1 candidate
+    monkeypatch.setattr(filter_stage.EnginePool, "get", lambda self, uri: engine)
+    task = _ds_task([{"consistency": {"minConfidence": 0.9}}, {"distributionShift": {"keep": 0.8}}], str(out),
+                    **_write_stage_inputs(tmp_path, {"a": 1.0, "b": 0.5}))
+    with pytest.raises(BadInput, match=r"filters\[1\]\.distributionShift: kept none of the 1 candidates it was given "
+                                       r"\(⌊keep·n⌋ = ⌊0\.8·1⌋ = 0\).*raise filters\[1\]\.distributionShift\.keep \(now 0\.8\)"):
+        filter_stage.run(StageContext(task, tmp_path / "w"))
+    assert not (out / "kept.jsonl").exists()
+
+
+def test_filter_stage_distribution_shift_all_tied_keeps_floor_k_n(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfimprove_workers.runtime import StageContext
+    from selfimprove_workers.storage import read_jsonl
+
+    inputs = _write_stage_inputs(tmp_path, {"a": 1.0, "b": 1.0, "c": 0.4}, paths=4)
+    engine = _StubEngine([])
+    # L̄v = 5 on the one validation example; every candidate 0.5 → w' = 2
+    engine.completion_losses = lambda prompts, targets, add_eos=False: [5.0] + [0.5] * (len(prompts) - 1)  # type: ignore[method-assign]
+    monkeypatch.setattr(filter_stage.EnginePool, "get", lambda self, uri: engine)
+    out = tmp_path / "out"
+    task = _ds_task([{"consistency": {"minConfidence": 0.6}}, {"distributionShift": {"keep": 0.8}}], str(out), **inputs)
+    ctx = StageContext(task, tmp_path / "w")
+    outcome = filter_stage.run(ctx)
+    steps = outcome.details["filters"]
+    assert [(s["in"], s["out"]) for s in steps] == [(12, 8), (8, 6)]  # ⌊0.8·8⌋ = 6, not 0
+    assert steps[1]["weightsAtUpperBound"] == 8 and steps[1]["threshold"] == 2.0
+    kept = [row for _, row in read_jsonl(ctx.storage_for(str(out / "kept.jsonl")), str(out / "kept.jsonl"))]
+    assert [r["id"] for r in kept] == ["a#0", "a#1", "a#2", "a#3", "b#0", "b#1"]
 
 
 def test_consistency_and_entropy_filters() -> None:

@@ -6,13 +6,17 @@ filter_data.py):
     w'_i = clip(L̄v / L_i, 0, 2)            (w'_i = 0 when L_i = 0)
     DS_i = w'_i        if w'_i > 1
            min(1/w'_i, 5) otherwise        (1/0 is taken as 5)
-    sort DS ascending; threshold = DS_sorted[⌊k·n⌋]; keep DS_i < threshold
+    sort DS ascending; threshold = DS_sorted[⌊k·n⌋]; keep the ⌊k·n⌋ lowest DS
 
-DS ≥ 1 always, and DS ≈ 1 means "the candidate's loss is like real data's". A candidate with
-w' = 0 gets DS = 5, the maximum, which is never below a threshold: it is dropped (the authors'
-code leaves such candidates out entirely). Ties at the threshold are all dropped (strict `<`),
-as in the code. When k·n ≥ n there is no index to read a threshold at (the code would fail):
-every candidate is kept.
+DS ≥ 1 always, and DS ≈ 1 means "the candidate's loss is like real data's". Without ties this
+is exactly the authors' `DS_i < threshold`. With ties it is not: the strict `<` drops every
+candidate tied at the threshold, and when the weights sit at a clip bound (the model's own
+samples have far lower loss than human-written validation answers, so every w' = 2 and every
+DS = 2) it keeps nothing (issue 13). `ds_keep` therefore keeps exactly ⌊k·n⌋ (all n when
+k·n ≥ n), ordered by (DS, tie-break key, position): the filter's tie-break key is the unclipped
+DS (the same shape without the clip to [0, 2] and the cap at 5, so among clipped ties the one
+nearer real data still goes first), then question id and path index. ⌊k·n⌋ can be 0 (n = 1,
+k < 1): nothing is kept and the filter stage fails saying so, rather than train on nothing.
 
 Judge and self ratings (AlpaGasus, IWSI's self filter) are read from free text by
 `parse_score`. `k_center_greedy` is the exact O(n·k·d) k-center greedy the diversity filter used
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +38,8 @@ __all__ = [
     "importance_weight",
     "ds_value",
     "ds_keep",
+    "raw_ds",
+    "W_MAX",
     "parse_score",
     "top_fraction",
     "k_center_greedy",
@@ -56,14 +63,26 @@ def ds_value(w: float) -> float:
     return DS_MAX if w <= 0 else min(1.0 / w, DS_MAX)
 
 
-def ds_keep(ds: Sequence[float], keep: float) -> tuple[list[bool], float | None]:
-    """Which candidates IWSI keeps, and the threshold (None when k·n ≥ n keeps them all)."""
+def raw_ds(valid_loss: float, loss: float) -> float:
+    """DS without the clip and the cap: r = L̄v / L, then r when r > 1, else 1/r (∞ for r = 0).
+
+    Monotone with DS wherever DS is not clipped, so it orders candidates the clip made equal."""
+    if loss <= 0 or valid_loss <= 0:
+        return math.inf
+    r = valid_loss / loss
+    return r if r > 1 else 1.0 / r
+
+
+def ds_keep(ds: Sequence[float], keep: float, tiebreak: Sequence[Any] | None = None) -> tuple[list[bool], float | None]:
+    """Which candidates IWSI keeps — exactly ⌊k·n⌋ of them (n when k·n ≥ n), the lowest DS first,
+    ties by `tiebreak[i]` then position — and IWSI's threshold DS_sorted[⌊k·n⌋] (None when
+    k·n ≥ n: there is no index to read it at). Every kept DS ≤ threshold ≤ every dropped DS."""
     n = len(ds)
-    index = math.floor(keep * n)
-    if index >= n:
-        return [True] * n, None
-    threshold = sorted(ds)[index]
-    return [d < threshold for d in ds], threshold
+    count = min(n, math.floor(keep * n + 1e-9))  # + ε: 0.29·100 is 28.999… in floating point
+    order = sorted(range(n), key=lambda i: (ds[i], tiebreak[i] if tiebreak is not None else 0, i))
+    chosen = set(order[:count])
+    threshold = ds[order[count]] if count < n else None
+    return [i in chosen for i in range(n)], threshold
 
 
 # A number as a rating: "4", "4.5", ".5"; signs are not ratings.

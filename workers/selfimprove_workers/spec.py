@@ -168,8 +168,8 @@ class EntropyFilter(WireModel):
 class DistributionShiftFilter(WireModel):
     keep: Fraction = Field(
         0.8,
-        description="Fraction k of candidates kept by IWSI's distribution-shift weight: the "
-        "threshold is the sorted DS value at index floor(k*n) and candidates below it are kept.",
+        description="Fraction k of candidates kept by IWSI's distribution-shift weight: exactly "
+        "floor(k*n), lowest DS first, ties broken deterministically (the stage fails when that is 0).",
     )
 
 

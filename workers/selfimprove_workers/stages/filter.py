@@ -10,7 +10,8 @@ one kept:
     entropy            MoT / IWSI's baseline: questions with normalized answer entropy ≤ max; the
                        paths agreeing with the majority (as the IWSI code does).
     distributionShift  IWSI: the DS weight of each candidate from SFT losses under the base model
-                       (see `selection`); keeps DS below the ⌊k·n⌋-th smallest.
+                       (see `selection`); keeps the ⌊k·n⌋ smallest DS, ties broken
+                       deterministically; reports how many weights sit at the clip bounds.
     judge              AlpaGasus: an LLM judge rates each (question, reasoning) 0-5; keeps
                        ≥ minScore. A reply without a readable score rates 0 and is counted.
     self               IWSI's self filter: the sampling model rates its own reasoning 0-10;
@@ -45,7 +46,7 @@ from ..errors import BadInput, DataError
 from ..filter_registry import FILTERS
 from ..prompts import cot_completion, render_prompt, render_target, uses_chat_template
 from ..runtime import StageContext, StageOutcome
-from ..selection import ds_keep, ds_value, importance_weight, parse_score, top_fraction
+from ..selection import DS_MAX, W_MAX, ds_keep, ds_value, importance_weight, parse_score, raw_ds, top_fraction
 from ..spec import (
     ConsistencyFilter,
     DistributionShiftFilter,
@@ -216,16 +217,29 @@ def distribution_shift(fr: FilterRun, cands: list[Candidate], spec: Distribution
     valid_losses, cand_losses = losses[: len(fr.validation)], losses[len(fr.validation):]
     # L̄v: the mean of the per-example mean token losses, as IWSI's record_weights.py averages.
     valid_mean = sum(valid_losses) / len(valid_losses)
-    ds = []
+    ds, weights = [], []
     for c, loss in zip(cands, cand_losses):
         w = importance_weight(valid_mean, loss)
         d = ds_value(w)
         c.scores.update(loss=round(loss, 6), dsWeight=round(w, 6), ds=round(d, 6))
         ds.append(d)
-    mask, threshold = ds_keep(ds, spec.keep)
-    return [c for c, k in zip(cands, mask) if k], {
-        "keep": spec.keep, "validLoss": round(valid_mean, 6), "threshold": threshold,
-        "validationExamples": len(valid_losses),
+        weights.append(w)
+    # Exactly ⌊k·n⌋, ties (e.g. every weight at a clip bound) by the unclipped DS, question, path.
+    tiebreak = [(raw_ds(valid_mean, loss), c.id, c.path) for c, loss in zip(cands, cand_losses)]
+    mask, threshold = ds_keep(ds, spec.keep, tiebreak)
+    kept = [c for c, k in zip(cands, mask) if k]
+    at_lower = sum(1 for w in weights if w <= 0.0)
+    at_upper = sum(1 for w in weights if w >= W_MAX)
+    at_cap = sum(1 for d in ds if d >= DS_MAX)
+    if max(at_lower, at_upper) == len(cands) or at_cap == len(cands):
+        fr.ctx.log.warning(f"distributionShift: every one of the {len(cands)} weights sits at a clip bound "
+                           f"(validation loss {valid_mean:.4g}; {at_lower} at w'=0, {at_upper} at w'={W_MAX:g}, {at_cap} at DS={DS_MAX:g}): "
+                           "the DS values do not rank these candidates; the unclipped ratio does")
+    return kept, {
+        "keep": spec.keep, "n": len(cands), "kept": len(kept), "validLoss": round(valid_mean, 6),
+        "threshold": threshold, "validationExamples": len(valid_losses),
+        "weightsAtLowerBound": at_lower, "weightsAtUpperBound": at_upper, "dsAtMax": at_cap,
+        "meanCandidateLoss": round(sum(cand_losses) / len(cand_losses), 6),
     }
 
 
@@ -347,6 +361,37 @@ def load_validation(ctx: StageContext, answer_spec: Any) -> list[tuple[str, str,
     return out
 
 
+# What to change when a filter keeps nothing, by kind: (setting, advice).
+_EMPTY_HINTS: dict[str, tuple[str, str]] = {
+    "consistency": ("minConfidence", "lower"),
+    "entropy": ("max", "raise"),
+    "distributionShift": ("keep", "raise"),
+    "judge": ("minScore", "lower"),
+    "self": ("keep", "raise"),
+    "diversity": ("keep", "raise"),
+    "rewardModel": ("minScore", "lower (or set keep instead of)"),
+}
+
+
+def kept_nothing(index: int, kind: str, params: Any, given: int, info: dict[str, Any]) -> str:
+    """The stage's message when filter `index` keeps none of the `given` candidates: the training
+    set would be empty, so the stage fails here, naming the filter and the setting to change."""
+    where = f"filters[{index}].{kind}"
+    settings = params.model_dump(by_alias=True, exclude_none=True) if hasattr(params, "model_dump") else {}
+    why = ""
+    if kind == "distributionShift":
+        k = settings.get("keep")
+        why = (f" (⌊keep·n⌋ = ⌊{k}·{given}⌋ = 0)" if k is not None and math.floor(k * given + 1e-9) == 0 else "")
+    hint = _EMPTY_HINTS.get(kind)
+    advice = (f"{hint[1]} {where}.{hint[0]} (now {settings.get(hint[0])})" if hint and hint[0] in settings
+              else f"loosen {where} (settings {settings})")
+    if kind == "distributionShift":
+        advice += " or sample more paths (sampling.paths) or loosen the filters before it"
+    report = {k: v for k, v in info.items() if k not in settings}
+    return (f"{where}: kept none of the {given} candidates it was given{why}, so there is nothing to train on; "
+            f"{advice}" + (f" (filter report: {report})" if report else ""))
+
+
 def run(ctx: StageContext) -> StageOutcome:
     task = ctx.task
     assert task.inputs.samples and task.inputs.votes and task.filters
@@ -365,6 +410,11 @@ def run(ctx: StageContext) -> StageOutcome:
     ctx.log.info(f"{n_candidates} candidates from {len(votes)} questions "
                  f"({no_majority} paths of questions without an answer left out); filters: {', '.join(kinds)}")
 
+    if not cands:
+        raise BadInput(f"filters: no candidates to filter: none of the {len(votes)} questions got an answer from its sampled "
+                       f"paths ({no_majority} paths without one), so there is nothing to train on; check prompting.answer "
+                       "(how answers are read) and sampling.maxTokens (paths cut short)")
+
     rationalize = any(getattr(f.get("correct"), "rationalize", False) for f in task.filters)
     pool = EnginePool(ctx, lora_for_base=("self" in kinds or rationalize) and task.model.adapter is not None)
     fr = FilterRun(ctx, pool, validation, labels or {})
@@ -382,6 +432,8 @@ def run(ctx: StageContext) -> StageOutcome:
             steps.append({"kind": f.kind, "in": before, "out": len(cands),
                           "seconds": round(time.perf_counter() - t0, 3), **info})
             ctx.log.info(f"filter {f.kind}: {before} → {len(cands)}")
+            if not cands:
+                raise BadInput(kept_nothing(i, f.kind, f.params, before, info))
             ctx.progress(i + 1, len(task.filters), "filters")
     finally:
         pool.close()
