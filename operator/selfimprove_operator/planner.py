@@ -178,6 +178,10 @@ def is_terminal(status: SelfImproveRunStatus) -> bool:
     return status.phase in ("Succeeded", "Failed")
 
 
+# StageStatus.reason of a stage skipped because its round is rounds.max (Strategy.last_round_skips).
+LAST_ROUND_SKIP = "LastRound"
+
+
 def new_round(strategy: str, round_no: int, now: datetime) -> RoundStatus:
     return RoundStatus(
         round=round_no,
@@ -401,12 +405,22 @@ def _plan(
     if status.phase == "Succeeded":
         done = condition(status, "Succeeded")
         if done and done.reason == "MaxRoundsReached" and (spec.rounds.max or 0) > status.rounds[-1].round:
-            nxt = status.rounds[-1].round + 1
-            status.rounds.append(new_round(spec.strategy, nxt, now))
-            status.round = nxt
+            last = status.rounds[-1]
+            skipped = [st for st in last.stages if st.state == "Skipped" and st.reason == LAST_ROUND_SKIP]
+            if skipped:
+                # The stages the last round skipped (their output feeds the next round) run first.
+                for st in skipped:
+                    st.state, st.reason, st.message = "Pending", None, None
+                last.completion_time = None
+                what = f"round {last.round}'s {', '.join(st.name for st in skipped)}"
+            else:
+                nxt = last.round + 1
+                status.rounds.append(new_round(spec.strategy, nxt, now))
+                status.round = nxt
+                what = f"round {nxt}"
             status.completion_time = None
             set_condition(status, "Succeeded", False, "Extended", f"rounds.max raised to {spec.rounds.max}", now, gen)
-            p.actions.append(Event("Normal", "Extended", f"rounds.max raised to {spec.rounds.max}; continuing with round {nxt}"))
+            p.actions.append(Event("Normal", "Extended", f"rounds.max raised to {spec.rounds.max}; continuing with {what}"))
         else:
             return p
 
@@ -437,6 +451,12 @@ def _plan(
         if stage is None:
             if not _finish_round(spec, status, p, now, gen):
                 return p
+            continue
+        if (stage.state == "Pending" and stage.attempts == 0 and current.round > 0 and spec.rounds.max is not None
+                and current.round >= spec.rounds.max and stage.name in strategy(spec.strategy).last_round_skips):
+            stage.state, stage.reason = "Skipped", LAST_ROUND_SKIP
+            stage.message = f"round {current.round} is the last (rounds.max {spec.rounds.max}): nothing would train on its {stage.name}"
+            p.actions.append(Event("Normal", "StageSkipped", f"round {current.round} {stage.name}: {stage.message}"))
             continue
         if not _advance_stage(spec, status, current, stage, observed.get((current.round, stage.name)), p, now, run):
             return p

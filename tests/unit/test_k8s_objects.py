@@ -34,6 +34,7 @@ from selfimprove_operator.k8s.jobs import build_job
 from selfimprove_operator.k8s.reconciler import OWN_DEGRADED
 from selfimprove_operator.planner import Event, RunIdentity
 from selfimprove_operator.presets import ROUND_STAGES
+from selfimprove_operator.strategies import strategy as strategy_of
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSIONS = k8s_schemas.supported_versions()
@@ -158,7 +159,9 @@ def jobs_of(case: str, run_name: str = "demo", rounds: int = 1) -> tuple[tuple[s
         sim.fail_all()           # round 0's evaluate fails once ...
         sim.run_to_end()         # ... is retried after the backoff as attempt 2, and the run goes on
         stages = {(s.round, s.stage) for s in sim.starts}
-        assert stages == {(0, "evaluate")} | {(r, st) for r in range(1, rounds + 1) for st in ROUND_STAGES[strategy]}
+        skips = strategy_of(strategy).last_round_skips   # LLM2LLM: the last round does not augment
+        assert stages == {(0, "evaluate")} | {(r, st) for r in range(1, rounds + 1) for st in ROUND_STAGES[strategy]
+                                              if not (r == rounds and st in skips)}
         assert [s.job_name for s in sim.starts][:2] == [f"{run_name}-r0-evaluate", f"{run_name}-r0-evaluate-a2"]
         for start in sim.starts:
             out.append((f"{strategy} {start.job_name}", build_job(run_object(run_name), spec, start, config)))
@@ -167,7 +170,7 @@ def jobs_of(case: str, run_name: str = "demo", rounds: int = 1) -> tuple[tuple[s
 
 def test_the_job_cases_cover_every_stage_and_setting():
     """Every stage of every strategy is built, and the cases really vary what they claim."""
-    stages = {job["metadata"]["labels"]["selfimprove.dev/stage"] for _, job in jobs_of("operator-defaults")}
+    stages = {job["metadata"]["labels"]["selfimprove.dev/stage"] for _, job in jobs_of("operator-defaults", rounds=2)}
     assert stages == {"sample", "filter", "augment", "train", "evaluate", "exemplars"}
     pods = {case: jobs_of(case)[0][1]["spec"]["template"]["spec"] for case in JOB_CASES}
     specs = {case: jobs_of(case)[0][1]["spec"] for case in JOB_CASES}
@@ -195,7 +198,7 @@ def test_the_job_cases_cover_every_stage_and_setting():
 def test_one_run_gives_each_stage_its_own_resources():
     """`per-stage`: the GPUs, memory, pool, image and deadline of each stage's Jobs are its own."""
     by_stage: dict[str, set] = {}
-    for _, job in jobs_of("per-stage"):
+    for _, job in jobs_of("per-stage", rounds=2):   # round 2: LLM2LLM's round 1 augments
         pod = job["spec"]["template"]["spec"]
         c = pod["containers"][0]
         gpus = {k: v for k, v in c.get("resources", {}).get("limits", {}).items() if k != "memory"}
@@ -233,7 +236,7 @@ EVENT_REASONS = {
     ("Normal", "Started"), ("Warning", "ImmutableFieldChanged"), ("Normal", "Extended"),
     ("Normal", "Suspended"), ("Normal", "Resumed"), ("Normal", "StageSucceeded"),
     ("Warning", "StageRetrying"), ("Warning", "StageFailed"), ("Normal", "RoundCompleted"),
-    ("Normal", "Succeeded"), ("Warning", "NoValidationSet"),
+    ("Normal", "Succeeded"), ("Warning", "NoValidationSet"), ("Normal", "StageSkipped"),
     ("Normal", "StageDisrupted"), ("Warning", "StagePending"),                           # observe.py
     ("Warning", "ReconcileError"), ("Warning", "JobCreationFailed"), ("Warning", "JobConflict"),
     ("Warning", "InvalidSpec"),                                                           # reconciler.py

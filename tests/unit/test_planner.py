@@ -291,6 +291,48 @@ def test_llm2llm_accumulates_augmented_data_and_trains_from_base():
     assert train2.task.model.adapter == "s3://b/a1/"  # from: previous honoured when asked
 
 
+def test_llm2llm_last_round_skips_augment_and_raising_max_reopens_it():
+    """LLM2LLM as the paper runs it: round rounds.max does not augment (nothing would train on
+    it). Raising rounds.max afterwards runs that augment first, so the next round trains on it."""
+    base = {"strategy": "llm2llm", "data": {"seed": "s3://d/seed.jsonl", "evaluation": "s3://d/e.jsonl"},
+            "rounds": {"max": 2, "patience": 0}}
+    sim = Sim(spec(**base))
+    for round_no, stage in [(0, "evaluate"), (1, "train"), (1, "evaluate"), (1, "augment"), (2, "train"), (2, "evaluate")]:
+        sim.step()
+        assert sim.running() == [(round_no, stage)]
+        sim.finish(round_no, stage, accuracy=0.5)
+    p = sim.step()
+    assert p.starts == [] and sim.status.phase == "Succeeded"
+    assert condition(sim.status, "Succeeded").reason == "MaxRoundsReached"
+    last = sim.status.rounds[-1]
+    assert [(st.name, st.state) for st in last.stages] == [("train", "Succeeded"), ("evaluate", "Succeeded"), ("augment", "Skipped")]
+    assert last.stages[2].reason == "LastRound" and "rounds.max 2" in last.stages[2].message
+    assert any(e.reason == "StageSkipped" for e in sim.events)
+    assert (2, "augment", 1) not in sim.started and (1, "augment", 1) in sim.started
+
+    sim.spec = spec(**{**base, "rounds": {"max": 3, "patience": 0}})
+    [aug] = sim.step().starts
+    assert (aug.round, aug.stage) == (2, "augment") and sim.status.phase != "Succeeded"
+    assert any(e.reason == "Extended" and "round 2's augment" in e.message for e in sim.events)
+    sim.finish(2, "augment")
+    [train3] = sim.step().starts
+    assert (train3.round, train3.stage) == (3, "train")
+    assert train3.task.inputs.train[-1].endswith("round-002/augment/augmented.jsonl")
+    for stage in ("train", "evaluate"):
+        sim.finish(3, stage, accuracy=0.5)
+        sim.step()
+    assert sim.status.phase == "Succeeded" and sim.status.rounds[-1].stages[2].state == "Skipped"
+
+
+def test_lmsi_last_round_skips_nothing():
+    sim = Sim(spec(rounds={"max": 1, "patience": 0}))
+    for round_no, stage in [(0, "evaluate"), (1, "sample"), (1, "filter"), (1, "train"), (1, "evaluate")]:
+        sim.step()
+        sim.finish(round_no, stage, accuracy=0.5)
+    sim.step()
+    assert sim.status.phase == "Succeeded" and all(st.state == "Succeeded" for st in sim.status.rounds[-1].stages)
+
+
 def test_job_names_fit_a_dns_label():
     assert len(job_name("x" * 40, 999, "evaluate", 99)) <= 63
 

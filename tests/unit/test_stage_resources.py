@@ -76,7 +76,7 @@ def test_the_task_and_the_job_of_each_stage_carry_its_own_gpus():
     train on 2, the rest on the run's 1."""
     spec = run_spec("llm2llm", {"gpus": 1, "nodeSelector": {"pool": "small"}, "stages": {
         "augment": {"gpus": 8, "nodeSelector": {"pool": "big"}, "image": "w:teacher"},
-        "train": {"gpus": 2}}}, {})
+        "train": {"gpus": 2}}}, {}, rounds={"max": 2, "patience": 0})  # round 2 (the last) skips augment
     config = OperatorConfig(metrics_port=None)
     sim = Sim(config.with_run_defaults(spec), RunIdentity(name="r", uid="u" * 8))
     sim.run_to_end()

@@ -34,6 +34,9 @@ class Strategy:
     # stage → (context, built task) → task: changes beyond inputs and adapter (the model a stage
     # runs, its prompts), pure like the wiring
     tasks: "Mapping[str, TaskAdjust]" = field(default_factory=dict)
+    # stages skipped in the round that is rounds.max: their output only feeds a next round (LLM2LLM's
+    # augment). Raising rounds.max after such a round reopens them before the next round starts.
+    last_round_skips: tuple[str, ...] = ()
 
     def stages_of_round(self, round_no: int) -> tuple[str, ...]:
         return BASE_ROUND_STAGES if round_no == 0 else self.round_stages

@@ -45,4 +45,6 @@ LLM2LLM = register_strategy(Strategy(
              message="llm2llm has no sample/filter stages; remove filters"),
     ),
     wiring={"train": train, "evaluate": evaluate},
+    # As the paper runs it: the last iteration's augmentation would train nothing.
+    last_round_skips=("augment",),
 ))
