@@ -95,6 +95,11 @@ def generate_all(kind: str, model: Path, adapter: Path, task: TaskSpec) -> dict[
             prompts = [render_prompt(task, r["question"], fmt, engine.tokenizer) for r in ROWS]
             for r, o in zip(ROWS, engine.generate(prompts, params, adapter=str(adapter))):
                 out[(r["question"], fmt)] = o.completions[0]
+        # A stop string inside the answer: the text ends right before it, in both engines.
+        prompts = [render_prompt(task, r["question"], "zeroShotCot", engine.tokenizer) for r in ROWS]
+        cut = GenerationParams(n=1, temperature=0.0, max_tokens=48, stop=("The answer is",))
+        for r, o in zip(ROWS, engine.generate(prompts, cut, adapter=str(adapter))):
+            out[(r["question"], "stop string")] = o.completions[0]
         return out
     finally:
         engine.close()
@@ -114,6 +119,12 @@ def test_generation_after_each_prompt_is_the_trained_answer_and_stops_where_trai
     runs = {kind: generate_all(kind, bpe_model_dir, adapter, task) for kind in ("transformers", "vllm")}
     for (question, fmt), c in runs["vllm"].items():
         row = next(r for r in ROWS if r["question"] == question)
+        if fmt == "stop string":
+            full = render_target("zeroShotCot", row["cot"], row["answer"], chat)
+            for kind in runs:
+                got = runs[kind][(question, fmt)]
+                assert (got.text, got.finish_reason) == (full[:full.index("The answer is")], "stop"), (kind, got)
+            continue
         target = render_target(fmt, row["cot"], row["answer"], chat)
         for kind in runs:
             got = runs[kind][(question, fmt)]
@@ -141,7 +152,7 @@ def test_both_engines_stop_on_the_turns_end_when_the_tokenizers_eos_is_another_t
     assert tok.eos_token == EOTEXT and answer_end_id(task_spec(True), tok) == tok.convert_tokens_to_ids(EOT)
     runs = {kind: generate_all(kind, variant, adapter, task_spec(True)) for kind in ("transformers", "vllm")}
     assert runs["transformers"] == runs["vllm"]
-    assert all(c.finish_reason == "stop" and c.text.endswith(".") for c in runs["vllm"].values())
+    assert all(c.finish_reason == "stop" and c.text.endswith(".") for k, c in runs["vllm"].items() if k[1] != "stop string")
 
 
 def test_both_engines_stop_on_every_eos_the_generation_config_lists(bpe_model_dir):
