@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 from hf_cache import populate_hf_cache
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from selfimprove_operator.api import SelfImproveRun
 from selfimprove_workers.errors import BadInput
@@ -116,3 +118,12 @@ def test_hf_tokens_are_credentials(monkeypatch):
     assert redact(f"token={token}") == "token=***"
     monkeypatch.setenv("HF_TOKEN", "a-token-of-another-shape")
     assert "a-token-of-another-shape" not in redact("download failed: a-token-of-another-shape")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tail=st.text(alphabet="aZ9_-./@ ", max_size=24))
+def test_the_models_and_the_api_server_agree_on_every_reference(served_crd, tail):
+    ref = "hf://" + tail
+    python_ok = hf_ref_problem(ref) is None
+    causes = [c for c in served_crd.admit(with_base(ref))[2] if c.field == "spec.model.base"]
+    assert python_ok == (not causes), (ref, causes)
