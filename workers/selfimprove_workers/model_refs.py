@@ -29,7 +29,6 @@ HF_SCHEME = "hf://"
 _PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_]|[.-][A-Za-z0-9_])*"
 _REV = r"[A-Za-z0-9_](?:[A-Za-z0-9_]|[./-][A-Za-z0-9_])*"
 _REF_RE2 = rf"^hf://(?:{_PART}/)?{_PART}(?:@{_REV})?$"
-_REF = re.compile(_REF_RE2)
 _TOO_LONG_RE2 = r"^hf://[^@]{97,}"
 HF_REF_CEL = (f"!self.startsWith('hf://') || (self.matches('{_REF_RE2}') && !self.matches('{_TOO_LONG_RE2}'))")
 HF_REF_MESSAGE = "a Hugging Face reference is hf://ORG/NAME or hf://ORG/NAME@REVISION"
