@@ -223,6 +223,9 @@ def test_worker_settings_reach_the_operator(chart):
     assert default["SELFIMPROVE_WORKER_IMAGE"] == f"ghcr.io/selfimprove/worker:{chart.metadata['appVersion']}"
     assert json.loads(default["SELFIMPROVE_TOLERATIONS"])[0]["key"] == "nvidia.com/gpu"
     assert default["SELFIMPROVE_RUN_AS_USER"] == "10001"
+    from selfimprove_operator.k8s.config import OperatorConfig
+    assert OperatorConfig.from_env({"SELFIMPROVE_BACKOFF_LIMIT_PER_INDEX": default["SELFIMPROVE_BACKOFF_LIMIT_PER_INDEX"]}
+                                   ).backoff_limit_per_index is True
 
 
 def operator_env_names() -> set[str]:
