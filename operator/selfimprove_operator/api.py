@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 from selfimprove_workers.exemplars import ExemplarsSpec
 from selfimprove_workers.model_refs import ModelRef
 from selfimprove_workers.spec import (
@@ -143,12 +143,31 @@ class StageResourcesSpec(WireModel):
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity of this stage; replaces the run's.")
     priority_class_name: str | None = Field(None, description="PriorityClass of this stage's pods; default: the run's.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Deadline of this stage's Jobs; default: the run's.")
+    shards: int | None = Field(
+        None, ge=1, le=1000, description="Parallel pods splitting this stage's input rows (sample, evaluate); "
+        "default: the run's. Only a shardable stage may have more than 1.")
+
+
+class UnshardedStageResourcesSpec(StageResourcesSpec):
+    """A stage that cannot be sharded (its rows are not independent: filter, train): `shards`
+    stays 1, in the model and, through the schema's maximum, in `kubectl apply`."""
+
+    shards: int | None = Field(None, ge=1, le=1, description="Always 1: this stage cannot be sharded.")
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _one(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+            shardable = ", ".join(n for n, k in STAGES.items() if k.shardable)
+            raise ValueError(f"is {v}, but this stage cannot be sharded (only {shardable} can)")
+        return v
 
 
 # One optional entry per registered stage kind: an unknown stage name is an unknown field, which
 # the model (and `kubectl apply`, the CRD being structural) rejects with its path.
 _STAGE_OVERRIDES: dict[str, Any] = {
-    name: (StageResourcesSpec | None, Field(None, description=f"Overrides for the {name} stage's Jobs."))
+    name: (StageResourcesSpec | None if STAGES[name].shardable else UnshardedStageResourcesSpec | None,
+           Field(None, description=f"Overrides for the {name} stage's Jobs."))
     for name in stage_names()
 }
 StageResourcesByStage = create_model("StageResourcesByStage", __base__=WireModel, **_STAGE_OVERRIDES)
@@ -181,6 +200,9 @@ class ResourcesSpec(WireModel):
         3600, ge=0, description="Finished Jobs are deleted after this long (their results are in status)."
     )
     model_cache: ModelCacheSpec | None = Field(None, description="Optional volume caching model weights.")
+    shards: int | None = Field(
+        None, ge=1, le=1000, description="Parallel pods (one Indexed Job) each shardable stage (sample, evaluate) "
+        "splits its input rows over; their outputs are merged into exactly a one-pod run's. Default 1.")
     stages: StageResourcesByStage | None = Field(  # type: ignore[valid-type]
         None,
         description="Per-stage overrides (sample, filter, train, evaluate, augment) of gpus, gpuResourceName, cpu, "
@@ -292,6 +314,9 @@ class StageStatus(WireModel):
     message: str | None = Field(None, description="Details of the failure or progress.")
     exit_code: int | None = Field(None, description="Exit code of the latest failed attempt.")
     progress: str | None = Field(None, description="Progress of the running attempt, as N/M.")
+    shards: str | None = Field(None, description="A sharded stage's finished shards, as done/total (3/4).")
+    completed_shards: list[int] | None = Field(
+        None, description="A sharded stage's finished shards, over all attempts: a retry runs only the others.")
     metrics: dict[str, float | int | str | bool] = Field(
         default_factory=dict, description="Headline metrics of the stage's result."
     )

@@ -65,6 +65,10 @@ class Observed:
     message: str | None = None
     progress: str | None = None             # "N/M" of a running attempt
     report: ProgressRecord | None = None    # its latest progress record (the stage's log)
+    # Shards of a sharded stage that are done, cumulated over its attempts (Kubernetes: the Jobs'
+    # completedIndexes mapped through their tasks' shardIndexes); the planner also keeps them on
+    # the stage's status, so a retry runs only the others even when older attempts are gone.
+    completed_shards: frozenset[int] = frozenset()
 
     @property
     def permanent(self) -> bool:

@@ -137,7 +137,8 @@ def full_status() -> dict:
         "output": "s3://b/runs/ns/run-abc/round-001/train/", "startTime": "2026-01-01T00:00:00Z",
         "completionTime": "2026-01-01T01:00:00Z", "retryAfter": "2026-01-01T01:01:00Z",
         "reason": "OOMKilled", "message": "container ran out of memory", "exitCode": 137,
-        "progress": "3/10", "metrics": {"trainLoss": 0.42, "steps": 10, "engine": "vllm", "resumed": True},
+        "progress": "3/10", "shards": "1/2", "completedShards": [0],
+        "metrics": {"trainLoss": 0.42, "steps": 10, "engine": "vllm", "resumed": True},
     }
     round_ = {
         "round": 1, "stages": [stage], "samples": 3200, "questions": 100, "kept": 1500,

@@ -115,6 +115,11 @@ class StageTask(WireModel):
         default_factory=list,
         description="The run's input files: the runtime records the digest of those without one (the "
         "run's first stage) and fails with InputChanged, naming the file, when one differs.")
+    shards: int = Field(1, ge=1, le=1000, description="Parallel pods splitting the stage's input rows "
+                        "(a shardable stage's resources.shards); 1 runs it whole.")
+    shard_indexes: list[int] | None = Field(
+        None, description="The shards this Job or attempt runs: pod k (JOB_COMPLETION_INDEX=k) runs shard "
+        "shardIndexes[k]; none: every shard, pod k runs shard k. A retry carries only the unfinished ones.")
 
     @model_validator(mode="after")
     def _has_what_the_stage_needs(self) -> "StageTask":
@@ -126,13 +131,24 @@ class StageTask(WireModel):
         for name in sections:
             if not getattr(self, name):
                 raise ValueError(f"{name}: is required for the {self.stage.value} stage")
+        if self.shards > 1 and not kind.shardable:
+            raise ValueError(f"shards: the {self.stage.value} stage cannot be sharded (only "
+                             f"{', '.join(n for n, k in STAGES.items() if k.shardable)})")
+        if self.shard_indexes is not None:
+            bad = [i for i in self.shard_indexes if not 0 <= i < self.shards]
+            if bad or not self.shard_indexes or len(set(self.shard_indexes)) != len(self.shard_indexes):
+                raise ValueError(f"shardIndexes: {self.shard_indexes} must be distinct shards in 0..{self.shards - 1}")
         return self
 
     def digest(self) -> str:
         """Identity of the work, recorded in `_SUCCESS`: the same task re-run is skipped, a
-        different task must not reuse the directory. The attempt number is not part of it."""
+        different task must not reuse the directory. The attempt number and the shards this
+        attempt runs are not part of it (a retry of shard 1 is the same work as the first try)."""
         body = self.wire()
         body.pop("attempt", None)
+        body.pop("shardIndexes", None)
+        if body.get("shards") == 1:
+            body.pop("shards")  # a one-shard task keeps the digest it had before sharding existed
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -161,6 +177,8 @@ class StageResult(WireModel):
         default_factory=dict, description="Digests of the task's pinned inputs, by spec field (data.questions: sha256:…).")
     started_at: str | None = Field(None, description="RFC 3339 start time.")
     finished_at: str | None = Field(None, description="RFC 3339 end time.")
+    shard: int | None = Field(None, ge=0, description="The shard this result is of; none: the whole stage's (merged) result.")
+    shards: int = Field(1, ge=1, description="Shards of the stage.")
 
     def summary_json(self) -> str:
         """Compact JSON of at most SUMMARY_LIMIT bytes. A long message is shortened (it is the

@@ -36,6 +36,9 @@ class StageKind:
     # result output key → RoundStatus field (a URI the next rounds use, e.g. the adapter)
     round_outputs: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+    # Its rows are independent (one question in, its rows out), so `resources.shards` may split
+    # it into parallel pods whose outputs concatenate (docs/architecture.md, "Sharded stages").
+    shardable: bool = False
 
 
 _STAGES: dict[str, StageKind] = {}
@@ -66,7 +69,7 @@ def phases() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------- the built-in stages
 register_stage(StageKind(
-    name="sample", phase="Sampling", module="selfimprove_workers.stages.sample",
+    name="sample", shardable=True, phase="Sampling", module="selfimprove_workers.stages.sample",
     inputs=("questions",), sections=("sampling",),
     outputs={"samples": OutputName.SAMPLES, "votes": OutputName.VOTES},
     round_metrics={MetricKey.PATHS: ("samples", "int"), MetricKey.QUESTIONS: ("questions", "int"),
@@ -102,7 +105,7 @@ register_stage(StageKind(
     description="The student's confident answers that agree with the teacher become the teacher's next exemplars.",
 ))
 register_stage(StageKind(
-    name="evaluate", phase="Evaluating", module="selfimprove_workers.stages.evaluate",
+    name="evaluate", shardable=True, phase="Evaluating", module="selfimprove_workers.stages.evaluate",
     inputs=("evaluation",), sections=("evaluation",),
     outputs={"predictions": OutputName.PREDICTIONS, "seedPredictions": OutputName.SEED_PREDICTIONS,
              "validationPredictions": OutputName.VALIDATION_PREDICTIONS},
