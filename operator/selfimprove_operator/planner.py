@@ -48,7 +48,7 @@ __all__ = [
     "EXIT_BAD_INPUT", "PERMANENT_REASONS", "Observed", "RunIdentity", "StartStage", "SuspendStage", "Event",
     "Action", "Plan", "rfc3339", "parse_time", "immutable_digest", "run_prefix", "stage_prefix", "job_name",
     "set_condition", "condition", "is_terminal", "new_round", "build_task", "record_result", "update_best",
-    "stop_reason", "backoff_seconds", "plan", "selection_score", "pinned_inputs", "record_inputs", "NO_VALIDATION",
+    "stop_reason", "backoff_seconds", "plan", "shards_of", "selection_score", "pinned_inputs", "record_inputs", "NO_VALIDATION",
 ]
 
 
@@ -219,6 +219,7 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
                        judge=next((m for f in spec.filters or [] if (m := getattr(f.get("judge"), "model", None))), None)),
         engine=spec.engine,
         gpus=spec.resources.for_stage(stage).gpus or 0,
+        shards=shards_of(spec, stage),
         inputs=inputs,
         prompting=spec.task,
         pinned=pinned_inputs(spec, status),
@@ -226,6 +227,22 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
     )
     adjust = strategy(spec.strategy).tasks.get(stage)
     return adjust(ctx, task) if adjust is not None else task
+
+
+def shards_of(spec: SelfImproveRunSpec, stage: str) -> int:
+    """How many shards a stage runs as: its resources' `shards` when the stage kind is
+    shardable (the run-level value applies to those only), else 1."""
+    return (spec.resources.for_stage(stage).shards or 1) if stage_kind(stage).shardable else 1
+
+
+def _note_shards(stage: StageStatus, obs: Observed, total: int) -> None:
+    """Cumulate the finished shards on the status (the planner's memory: older attempts' Jobs
+    may be gone when the retry starts) and show them as done/total."""
+    if total <= 1:
+        return
+    done = set(stage.completed_shards or ()) | {i for i in obs.completed_shards if 0 <= i < total}
+    stage.completed_shards = sorted(done)
+    stage.shards = f"{len(done)}/{total}"
 
 
 def pinned_inputs(spec: SelfImproveRunSpec, status: SelfImproveRunStatus) -> list[PinnedInput]:
@@ -474,6 +491,7 @@ def _advance_stage(spec, status, current: RoundStatus, stage: StageStatus, obs: 
             # Nothing seen yet of this attempt (or only of an older one): the executor reports
             # `missing` itself once it knows the attempt is gone.
             return _set_phase(status, stage, p)
+        _note_shards(stage, obs, shards_of(spec, stage.name))
         if obs.state in ("pending", "running"):
             stage.progress = obs.progress or (obs.report.text() if obs.report else None) or stage.progress
             if obs.state == "pending" and obs.reason:
@@ -484,6 +502,9 @@ def _advance_stage(spec, status, current: RoundStatus, stage: StageStatus, obs: 
                     return _fail_stage(spec, status, stage, obs, p, now, gen)
             return _set_phase(status, stage, p)
         if obs.state == "succeeded" and obs.result is not None:
+            if obs.result.shards > 1:
+                stage.shards = f"{obs.result.shards}/{obs.result.shards}"
+                stage.completed_shards = list(range(obs.result.shards))
             stage.state = "Succeeded"
             stage.completion_time = rfc3339(now)
             stage.reason = stage.message = stage.exit_code = stage.retry_after = None
@@ -512,6 +533,13 @@ def _advance_stage(spec, status, current: RoundStatus, stage: StageStatus, obs: 
     attempt = stage.attempts + 1
     name = job_name(run.name, current.round, stage.name, attempt)
     task = build_task(spec, status, run, current.round, stage.name, attempt)
+    if task.shards > 1:
+        # A retry runs only the shards not finished yet; finished ones are never redone.
+        done = set(stage.completed_shards or ())
+        left = [i for i in range(task.shards) if i not in done]
+        if done and left:
+            task = task.model_copy(update={"shard_indexes": left})
+        stage.shards = f"{len(done & set(range(task.shards)))}/{task.shards}"
     stage.state, stage.attempts, stage.job = "Running", attempt, name
     stage.output = task.output
     stage.start_time = rfc3339(now)

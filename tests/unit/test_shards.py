@@ -78,3 +78,51 @@ def test_result_carries_its_shard():
     back = StageResult.parse_summary(r.summary_json())
     assert (back.shard, back.shards) == (1, 2)
     assert StageResult(stage="sample", round=0, status="Succeeded").shard is None
+
+
+# ---------------------------------------------------------------------------- the planner
+def _planner_sim(**resources):
+    from tests.unit.test_planner import Sim, spec
+    return Sim(spec(resources=resources))
+
+
+def test_planner_shards_only_shardable_stages_and_retries_only_missing_shards():
+    from selfimprove_operator.planner import Observed
+    sim = _planner_sim(shards=3)
+    [start] = sim.step().starts
+    assert start.stage == "evaluate" and start.task.shards == 3 and start.task.shard_indexes is None
+    st = sim.status.rounds[0].stages[0]
+    assert st.shards == "0/3"
+    # Shard 0 and 2 finish while 1 still runs: the status shows it.
+    sim.observed[(0, "evaluate")] = Observed(attempt=1, state="running", completed_shards=frozenset({0}))
+    sim.step()
+    assert sim.status.rounds[0].stages[0].shards == "1/3"
+    sim.observed[(0, "evaluate")] = Observed(attempt=1, state="failed", exit_code=1, message="shard 1 died",
+                                             completed_shards=frozenset({2}))
+    sim.step()
+    st = sim.status.rounds[0].stages[0]
+    assert (st.state, st.shards, st.completed_shards) == ("Pending", "2/3", [0, 2])
+    # The retry (after the backoff, the old attempt's observation gone) runs shard 1 only.
+    del sim.observed[(0, "evaluate")]
+    [retry] = sim.step(advance=60).starts
+    assert (retry.attempt, retry.task.shards, retry.task.shard_indexes) == (2, 3, [1])
+    assert retry.task.digest() == start.task.digest()
+    merged = StageResult(stage="evaluate", round=0, status="Succeeded", metrics={"accuracy": 0.5}, shards=3)
+    sim.observed[(0, "evaluate")] = Observed(attempt=2, state="succeeded", result=merged,
+                                             completed_shards=frozenset({1}))
+    [nxt] = sim.step().starts
+    st = sim.status.rounds[0].stages[0]
+    assert (st.state, st.shards) == ("Succeeded", "3/3")
+    assert sim.status.rounds[0].accuracy == 0.5
+    # The next round's sample is sharded too; filter and train never are.
+    assert nxt.stage == "sample" and nxt.task.shards == 3
+    sim.finish(1, "sample")
+    [f] = sim.step().starts
+    assert f.stage == "filter" and f.task.shards == 1 and sim.status.rounds[1].stages[1].shards is None
+
+
+def test_one_shard_tasks_are_unchanged():
+    sim = _planner_sim()
+    [start] = sim.step().starts
+    assert start.task.shards == 1 and start.task.shard_indexes is None
+    assert sim.status.rounds[0].stages[0].shards is None
