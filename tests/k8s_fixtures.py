@@ -84,7 +84,7 @@ except ImportError:  # pragma: no cover - exercised where kmock is not installed
 
 __all__ = [
     "need_kmock", "K8S_VERSIONS", "run_manifest", "progress_line", "running_pod", "RUNS", "JOBS", "PODS", "EVENTS", "SECRETS",
-    "Succeed", "Fail", "Hold", "Preempt", "Pending", "k8s", "kubeconfig", "cluster", "start_operator",
+    "Succeed", "Fail", "Hold", "Preempt", "Pending", "Indexed", "k8s", "kubeconfig", "cluster", "start_operator",
 ]
 
 RUNS = "selfimprove.dev/v1alpha1/selfimproveruns"
@@ -201,6 +201,17 @@ def _selector(text: str | None) -> list[Callable[[dict[str, str]], bool]]:
 def _selected(rules, obj: dict[str, Any]) -> bool:
     labels = (obj.get("metadata") or {}).get("labels") or {}
     return all(rule(labels) for rule in rules)
+
+
+def compress(indexes: set[int]) -> str:
+    """A set of completion indexes in the Job status's compressed form: {0, 1, 2, 4} → "0-2,4"."""
+    parts: list[str] = []
+    for i in sorted(indexes):
+        if parts and int(parts[-1].rpartition("-")[2]) == i - 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{i}"
+        else:
+            parts.append(str(i))
+    return ",".join(parts)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -686,6 +697,7 @@ class Fail:
     summary: dict[str, Any] | None = None  # fields of a failed StageResult written by the "worker"
     log: str | None = "Traceback (most recent call last):\nConnectionResetError: connection reset by peer"
     job_reason: str = "BackoffLimitExceeded"   # DeadlineExceeded, PodFailurePolicy
+    seconds: float = 0.0      # how long the "worker" runs before failing
 
 
 @dataclass
@@ -706,6 +718,19 @@ class Pending:
 
     reason: str = "ImagePullBackOff"
     message: str = 'Back-off pulling image "registry.invalid/worker:1"'
+
+
+@dataclass
+class Indexed:
+    """The scripts of an Indexed Job's pods: `pods[k]` lists the scripts of completion index k's
+    successive pods (the last one repeats); an index not listed runs `default`."""
+
+    pods: dict[int, list[Any]] = field(default_factory=dict)
+    default: Any = field(default_factory=Succeed)
+
+    def script(self, index: int, tries: int) -> Any:
+        scripts = self.pods.get(index) or [self.default]
+        return scripts[min(tries, len(scripts) - 1)]
 
 
 def default_metrics(stage: str, round_no: int) -> dict[str, Any]:
@@ -732,6 +757,9 @@ class FakeCluster:
         self.created_at: dict[str, float] = {}     # job name → loop time it was created
         self.pods_started = 0
         self.errors: list[BaseException] = []     # what the fake cluster itself failed at
+        # A sharded stage's shard _SUCCESS markers, by output prefix: what a worker lists in storage
+        # to decide whether it merges (it outlives the attempt, as storage does).
+        self.shard_markers: dict[str, set[int]] = {}
         server.listeners.append(self._on_change)
 
     def close(self) -> None:
@@ -783,6 +811,8 @@ class FakeCluster:
 
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
         task = StageTask.model_validate_json(job["spec"]["template"]["spec"]["containers"][0]["args"][0])
+        if job["spec"].get("completionMode") == "Indexed":
+            return await self._run_indexed(job, task)
         await self.server.patch_object(JOBS, ns, name, {"status": {"active": 1, "startTime": _now()}}, "merge", "status")
         script = self.script_for(job, task)
         while True:
@@ -855,11 +885,111 @@ class FakeCluster:
                      else f"Container worker for pod {ns}/{pod} failed with exit code {script.exit_code} matching FailJob rule at index 1"},
                 ]}}, "merge", "status")
 
+    async def _run_indexed(self, job: dict[str, Any], task) -> None:
+        """The Job controller's Indexed mode: one pod per completion index, in parallel, pod k
+        with JOB_COMPLETION_INDEX=k; `completedIndexes` in the status. With backoffLimitPerIndex
+        an index is retried up to that many times and marked in `failedIndexes` after, the others
+        run on, and the Job fails (FailedIndexes) once every index finished; without it, a failure
+        beyond backoffLimit fails the Job at once and its running pods are deleted."""
+        ns, name, spec = job["metadata"]["namespace"], job["metadata"]["name"], job["spec"]
+        indexes = task.shard_indexes if task.shard_indexes is not None else list(range(task.shards))
+        assert spec["completions"] == spec["parallelism"] == len(indexes), spec
+        script = self.script_for(job, task)
+        scripts = script if isinstance(script, Indexed) else Indexed(default=script)
+        per_index = spec.get("backoffLimitPerIndex")
+        completed: set[int] = set()
+        failed: set[int] = set()
+        failures = 0
+        pods: dict[int, str] = {}
+        job_failed = asyncio.Event()
+        await self.server.patch_object(JOBS, ns, name, {"status": {"active": len(indexes), "startTime": _now()}}, "merge", "status")
+
+        async def job_status(**extra: Any) -> None:
+            status: dict[str, Any] = {"active": len(indexes) - len(completed) - len(failed), "succeeded": len(completed),
+                                      "failed": failures, "completedIndexes": compress(completed), **extra}
+            if per_index is not None:
+                status["failedIndexes"] = compress(failed)
+            await self.server.patch_object(JOBS, ns, name, {"status": status}, "merge", "status")
+
+        async def run_index(k: int) -> None:
+            nonlocal failures
+            shard = indexes[k]
+            tries = 0
+            while True:
+                step = scripts.script(k, tries)
+                assert isinstance(step, (Succeed, Fail)), f"{name} index {k}: an Indexed Job's pods run Succeed or Fail, not {step!r}"
+                pods[k] = pod = await self._new_pod(job, index=k)
+                started = _now()
+                self.pods_started += 1
+                await self._pod_status(ns, pod, {"phase": "Running", "startTime": started, "containerStatuses": [
+                    {"name": "worker", "ready": True, "restartCount": 0, "state": {"running": {"startedAt": started}}}]})
+                if step.seconds:
+                    await asyncio.sleep(step.seconds)
+                if isinstance(step, Succeed):
+                    marks = self.shard_markers.setdefault(task.output, set())
+                    marks.add(shard)
+                    # The worker merges when it sees every shard's marker (the last one to finish does).
+                    merged = len(marks) == task.shards
+                    summary = await self._result(task, step, shard=None if merged else shard)
+                    await self._pod_status(ns, pod, {"phase": "Succeeded", "containerStatuses": [
+                        {"name": "worker", "ready": False, "restartCount": 0, "state": {"terminated": {
+                            "exitCode": 0, "reason": "Completed", "message": summary, "startedAt": started, "finishedAt": _now()}}}]})
+                    completed.add(k)
+                    await job_status()
+                    return
+                term = {"exitCode": step.exit_code, "reason": step.container_reason, "startedAt": started, "finishedAt": _now()}
+                if step.log:
+                    term["message"] = step.log
+                await self._pod_status(ns, pod, {"phase": "Failed", "containerStatuses": [
+                    {"name": "worker", "ready": False, "restartCount": 0, "state": {"terminated": term}}]})
+                failures += 1
+                tries += 1
+                if per_index is not None:
+                    if tries > per_index:
+                        failed.add(k)
+                        await job_status()
+                        return
+                    await job_status()
+                    continue
+                if failures > spec.get("backoffLimit", 6):
+                    failed.add(k)
+                    job_failed.set()
+                    return
+                await job_status()
+
+        runners = {k: asyncio.create_task(run_index(k)) for k in range(len(indexes))}
+        waiter = asyncio.create_task(job_failed.wait())
+        waiting: set[asyncio.Task] = {waiter, *runners.values()}
+        while not job_failed.is_set() and not all(r.done() for r in runners.values()):
+            _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        for runner in runners.values():
+            if runner.done() and runner.exception() is not None:
+                raise runner.exception()  # type: ignore[misc]
+        now = _now()
+        self.completed_at[name] = asyncio.get_running_loop().time()
+        if job_failed.is_set():
+            for k, runner in runners.items():
+                if not runner.done():
+                    runner.cancel()
+                    await self.server.delete_object(PODS, ns, pods[k])
+            reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+        elif failed:
+            reason, message = "FailedIndexes", "Job has failed indexes"
+        else:
+            await job_status(active=0, completionTime=now, conditions=[
+                {"type": "SuccessCriteriaMet", "status": "True", "lastTransitionTime": now},
+                {"type": "Complete", "status": "True", "lastTransitionTime": now}])
+            return
+        await job_status(active=0, conditions=[
+            {"type": "FailureTarget", "status": "True", "reason": reason, "lastTransitionTime": now},
+            {"type": "Failed", "status": "True", "reason": reason, "lastTransitionTime": now, "message": message}])
+
     async def _released(self, job: str) -> Any:
         fut = self.released.setdefault(job, asyncio.get_running_loop().create_future())
         return await fut
 
-    async def _new_pod(self, job: dict[str, Any]) -> str:
+    async def _new_pod(self, job: dict[str, Any], index: int | None = None) -> str:
         meta = job["metadata"]
         template = job["spec"]["template"]
         labels = dict(template["metadata"]["labels"])
@@ -874,6 +1004,16 @@ class FakeCluster:
             },
             "spec": copy.deepcopy(template["spec"]),
         }
+        if index is not None:
+            # What the Job controller adds to an Indexed Job's pods: the index as an annotation,
+            # a label (1.28+), and JOB_COMPLETION_INDEX from the annotation in every container.
+            key = "batch.kubernetes.io/job-completion-index"
+            pod["metadata"]["generateName"] = f"{meta['name']}-{index}-"
+            pod["metadata"]["annotations"] = {key: str(index)}
+            labels[key] = str(index)
+            for container in pod["spec"]["containers"]:
+                container.setdefault("env", []).append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}}})
         created = await self.server.create_object(PODS, meta["namespace"], pod)
         await self._pod_status(meta["namespace"], created["metadata"]["name"], {"phase": "Pending"})
         return created["metadata"]["name"]
@@ -886,7 +1026,7 @@ class FakeCluster:
             cs.setdefault("imageID", "" if "waiting" in (cs.get("state") or {}) else f"{image}@sha256:{'0' * 64}")
         await self.server.patch_object(PODS, ns, pod, {"status": status}, "replace-status", "status")
 
-    async def _result(self, task, script: Succeed) -> str:
+    async def _result(self, task, script: Succeed, shard: int | None = None) -> str:
         from selfimprove_workers.contract import StageResult, full_result
 
         metrics = script.metrics if script.metrics is not None else default_metrics(task.stage.value, task.round)
@@ -894,8 +1034,8 @@ class FakeCluster:
         if task.stage.value == "train":
             outputs.setdefault("adapter", task.uri("adapter/"))
         result = StageResult(stage=task.stage, round=task.round, status="Succeeded", metrics=metrics, outputs=outputs,
-                             started_at=_now(), finished_at=_now())
-        if self.s3 is not None and task.output.startswith("s3://"):
+                             started_at=_now(), finished_at=_now(), shard=shard, shards=task.shards)
+        if shard is None and self.s3 is not None and task.output.startswith("s3://"):
             await asyncio.to_thread(self._write_artifacts, task, result, full_result(result))
         return result.summary_json()
 

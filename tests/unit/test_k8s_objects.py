@@ -15,6 +15,7 @@ A failure names the Kubernetes version and the case; its message lists each obje
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import re
@@ -228,6 +229,76 @@ def test_jobs_of_a_longer_run_with_the_longest_name_are_valid(version):
     check(list(jobs_of("everything", "r" * MAX_RUN_NAME, rounds=3)), version)
 
 
+# ============================================================================== sharded Jobs
+def _version_at_least(version: str, minor: str) -> bool:
+    return tuple(map(int, version.split("."))) >= tuple(map(int, minor.split(".")))
+
+
+@functools.cache
+def sharded_jobs(per_index: bool) -> tuple[tuple[str, dict], ...]:
+    """(label, Job) of every shardable stage a run starts, as 4 shards, and as the retry that
+    runs only shards 1 and 3; `backoffLimitPerIndex` on or off."""
+    from selfimprove_workers.contract import StageTask
+    from selfimprove_workers.stage_registry import STAGES
+
+    config = OperatorConfig(metrics_port=None, backoff_limit_per_index=per_index)
+    spec = config.with_run_defaults(run_spec("lmsi", {"backoffLimit": 2, "queueName": "team-a"}, {}))
+    sim = Sim(spec, RunIdentity(name="demo", namespace="team-a", uid=UID, generation=1))
+    sim.run_to_end()
+    out = []
+    for start in sim.starts:
+        if not STAGES[start.stage].shardable:
+            continue
+        for indexes in (None, [1, 3]):
+            task = StageTask.model_validate({**start.task.wire(), "shards": 4, "shardIndexes": indexes})
+            sharded = dataclasses.replace(start, task=task)
+            out.append((f"{start.job_name} shards {indexes or 'all'}", build_job(run_object(), spec, sharded, config)))
+    assert {job["metadata"]["labels"]["selfimprove.dev/stage"] for _, job in out} == {"sample", "evaluate"}
+    return tuple(out)
+
+
+@pytest.mark.parametrize("per_index", [True, False], ids=["backoffLimitPerIndex", "backoffLimit"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sharded_stage_jobs_are_valid(version, per_index):
+    """The Indexed Job of a sharded stage, and of its retry, on every version where its mode
+    exists: backoffLimitPerIndex from 1.29 (on by default there), plain backoffLimit on all."""
+    if per_index and not _version_at_least(version, "1.29"):
+        pytest.skip("backoffLimitPerIndex is off by default before 1.29: the operator setting is false there")
+    check(list(sharded_jobs(per_index)), version)
+
+
+def test_backoff_limit_per_index_is_refused_by_the_oldest_schema():
+    """Why the operator setting exists: 1.27's API server does not know the field."""
+    job = sharded_jobs(True)[0][1]
+    assert any("backoffLimitPerIndex" in p for p in k8s_schemas.problems(job, VERSIONS[0]))
+
+
+def test_a_sharded_stage_is_one_indexed_job():
+    plain = {label: job for label, job in jobs_of("operator-defaults") if label.startswith("lmsi ")}
+    for per_index in (True, False):
+        for label, job in sharded_jobs(per_index):
+            spec, annotations = job["spec"], job["metadata"]["annotations"]
+            subset = label.endswith("[1, 3]")
+            assert spec["completionMode"] == "Indexed"
+            assert spec["completions"] == spec["parallelism"] == (2 if subset else 4)
+            assert annotations["selfimprove.dev/shards"] == "4"
+            assert annotations.get("selfimprove.dev/shard-indexes") == ("1,3" if subset else None)
+            if per_index:
+                assert spec["backoffLimitPerIndex"] == 2 and "backoffLimit" not in spec and "maxFailedIndexes" not in spec
+            else:
+                assert spec["backoffLimit"] == 2 and "backoffLimitPerIndex" not in spec
+            # backoffLimitPerIndex requires restartPolicy Never; every rule action is valid in both modes.
+            assert spec["template"]["spec"]["restartPolicy"] == "Never"
+            assert [r["action"] for r in spec["podFailurePolicy"]["rules"]] == ["Ignore", "FailJob"]
+            assert spec["suspend"] is True   # Kueue admits all the shards at once
+            one = plain[f"lmsi {job['metadata']['name']}"]["spec"]
+            assert spec["podFailurePolicy"] == one["podFailurePolicy"]
+    # A one-shard stage's Job is exactly the Job of before sharding existed.
+    for _, job in plain.items():
+        assert not {"completionMode", "completions", "parallelism", "backoffLimitPerIndex"} & set(job["spec"])
+        assert set(job["metadata"]["annotations"]) == {"selfimprove.dev/output"}
+
+
 # ==================================================================================== Events
 # Every (type, reason) the operator emits: the planner's Events, the observation's notices and
 # the controller's own (reconcile errors, invalid specs). test_every_reason_is_covered keeps the
@@ -237,7 +308,7 @@ EVENT_REASONS = {
     ("Normal", "Suspended"), ("Normal", "Resumed"), ("Normal", "StageSucceeded"),
     ("Warning", "StageRetrying"), ("Warning", "StageFailed"), ("Normal", "RoundCompleted"),
     ("Normal", "Succeeded"), ("Warning", "NoValidationSet"), ("Normal", "StageSkipped"),
-    ("Normal", "StageDisrupted"), ("Warning", "StagePending"),                           # observe.py
+    ("Normal", "StageDisrupted"), ("Warning", "StagePending"), ("Warning", "StageShards"),  # observe.py
     ("Warning", "ReconcileError"), ("Warning", "JobCreationFailed"), ("Warning", "JobConflict"),
     ("Warning", "InvalidSpec"),                                                           # reconciler.py
 }
@@ -298,7 +369,7 @@ LONG = {
 def event_bodies() -> tuple[tuple[str, dict], ...]:
     seen = planner_events()
     reasons = {(e.type, e.reason) for e in seen}
-    planner_reasons = {r for r in EVENT_REASONS if r[1] not in ("StageDisrupted", "StagePending", *OWN_DEGRADED)}
+    planner_reasons = {r for r in EVENT_REASONS if r[1] not in ("StageDisrupted", "StagePending", "StageShards", *OWN_DEGRADED)}
     assert reasons == planner_reasons, sorted(planner_reasons ^ reasons)  # the runs above emit them all
     samples = [(e.type, e.reason, e.message) for e in seen]
     samples += [(t, r, f"{r}: something happened") for t, r in sorted(EVENT_REASONS)]

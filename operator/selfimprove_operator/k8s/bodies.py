@@ -55,6 +55,8 @@ class JobStatus(TypedDict, total=False):
     startTime: str
     active: int
     ready: int
+    completedIndexes: str   # an Indexed Job's succeeded completion indexes, compressed: "0-2,4"
+    failedIndexes: str      # likewise, the indexes that used up their backoffLimitPerIndex
 
 
 class JobBody(TypedDict, total=False):

@@ -28,6 +28,12 @@ ROUND_LABEL = LABEL_PREFIX + "round"
 STAGE_LABEL = LABEL_PREFIX + "stage"
 ATTEMPT_LABEL = LABEL_PREFIX + "attempt"
 OUTPUT_ANNOTATION = LABEL_PREFIX + "output"
+# A sharded stage's Job says which shards its completion indexes run (observe.py maps the Job's
+# completedIndexes back through them): the shard count, and the shards when a retry runs a subset.
+SHARDS_ANNOTATION = LABEL_PREFIX + "shards"
+SHARD_INDEXES_ANNOTATION = LABEL_PREFIX + "shard-indexes"
+# Set by the Job controller on the pods of an Indexed Job (the label since 1.28, the annotation always).
+COMPLETION_INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")  # set on pods by the Job controller
 CONTAINER = "worker"
@@ -168,6 +174,8 @@ def build_job(run: Mapping[str, Any], spec: SelfImproveRunSpec, start: StartStag
     }
     job_spec: dict[str, Any] = {
         "backoffLimit": res.backoff_limit,
+        # Every rule below is valid with backoffLimitPerIndex too (FailJob still fails the whole
+        # Job; FailIndex, valid only with it, is not needed: a bad input is every shard's).
         "podFailurePolicy": {
             "rules": [
                 # Preemption, eviction, node drain: the Job controller replaces the pod without
@@ -185,6 +193,8 @@ def build_job(run: Mapping[str, Any], spec: SelfImproveRunSpec, start: StartStag
         },
         "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
     }
+    if start.task.shards > 1:
+        _shard(job_meta, job_spec, start, res.backoff_limit, config)
     if res.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = res.active_deadline_seconds
     if res.ttl_seconds_after_finished is not None:
@@ -195,3 +205,26 @@ def build_job(run: Mapping[str, Any], spec: SelfImproveRunSpec, start: StartStag
         job_meta["labels"][KUEUE_QUEUE_LABEL] = res.queue_name
         job_spec["suspend"] = True
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
+
+
+def _shard(job_meta: dict[str, Any], job_spec: dict[str, Any], start: StartStage, backoff_limit: int,
+           config: OperatorConfig) -> None:
+    """A sharded stage as ONE Indexed Job: pod k gets JOB_COMPLETION_INDEX=k from the Job
+    controller and runs shard `shardIndexes[k]` (all shards when the task names none). One Job
+    keeps one name per attempt, one deadline, one Kueue admission (all shards or none) and one
+    ttl for the whole stage."""
+    task = start.task
+    indexes = task.shard_indexes if task.shard_indexes is not None else list(range(task.shards))
+    job_meta["annotations"][SHARDS_ANNOTATION] = str(task.shards)
+    if task.shard_indexes is not None:
+        job_meta["annotations"][SHARD_INDEXES_ANNOTATION] = ",".join(map(str, indexes))
+    job_spec["completionMode"] = "Indexed"
+    job_spec["completions"] = job_spec["parallelism"] = len(indexes)
+    if config.backoff_limit_per_index:
+        # Each shard gets its own retries and a failing shard does not stop the others: the Job
+        # fails (FailedIndexes) only once every shard finished, and the operator's next attempt
+        # reruns just the failed ones. maxFailedIndexes stays unset for that reason. With it,
+        # backoffLimit must be left to its default (unlimited): it would count every shard's
+        # failures together.
+        del job_spec["backoffLimit"]
+        job_spec["backoffLimitPerIndex"] = backoff_limit

@@ -9,7 +9,11 @@ What the planner needs from Kubernetes, and where it comes from:
 - a pod stuck before running (image pull errors, unschedulable, a missing Secret): reported only
   after `pending_timeout`, so a slow pull or a scale-up does not raise a condition;
 - disruptions (preemption, eviction, drain): not failures — the Job's pod failure policy ignores
-  them and the Job makes a new pod — but worth an Event, so they are returned as notices.
+  them and the Job makes a new pod — but worth an Event, so they are returned as notices;
+- a sharded stage (one Indexed Job, jobs.py): the shards done from the Job's
+  `status.completedIndexes` (completion index k runs shard `shardIndexes[k]`, the Job's
+  annotation), and the stage's result from the one pod whose summary is the merged result
+  (`shard` none) — a Complete Job without it is a failure (MissingResult).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -26,7 +30,16 @@ from selfimprove_workers.contract import StageResult
 
 from ..planner import Observed, parse_time
 from .bodies import Condition, ContainerStateTerminated, ContainerStatus, JobBody, PodBody
-from .jobs import ATTEMPT_LABEL, CONTAINER, JOB_NAME_LABELS, ROUND_LABEL, STAGE_LABEL
+from .jobs import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX_KEY,
+    CONTAINER,
+    JOB_NAME_LABELS,
+    ROUND_LABEL,
+    SHARD_INDEXES_ANNOTATION,
+    SHARDS_ANNOTATION,
+    STAGE_LABEL,
+)
 
 # Waiting reasons of a container that will not fix themselves quickly.
 STUCK_REASONS = IMAGE_ERROR_REASONS | {"CreateContainerConfigError", "CreateContainerError"}
@@ -148,6 +161,52 @@ def _short(text: str) -> str:
     return text if len(text) <= MESSAGE_LIMIT else "…" + text[-(MESSAGE_LIMIT - 1):]
 
 
+def parse_indexes(text: str | None) -> frozenset[int]:
+    """An Indexed Job's compressed index list (`status.completedIndexes`, `failedIndexes`):
+    comma-separated indexes and inclusive ranges in increasing order, "0-2,4" = {0, 1, 2, 4};
+    empty or absent = none. Anything else is a ValueError naming the part and the text."""
+    found: set[int] = set()
+    if not text:
+        return frozenset()
+    last = -1
+    for part in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise ValueError(f"index list {text!r}: {part!r} is neither an index nor a range a-b")
+        low = int(m.group(1))
+        high = int(m.group(2)) if m.group(2) is not None else low
+        if high < low or low <= last:
+            raise ValueError(f"index list {text!r}: {part!r} is not in increasing order")
+        found.update(range(low, high + 1))
+        last = high
+    return frozenset(found)
+
+
+def job_shards(job: JobBody) -> tuple[int, list[int]] | None:
+    """(shards, the shard of each completion index) of a sharded stage's Job; None otherwise."""
+    annotations = (job.get("metadata") or {}).get("annotations") or {}
+    try:
+        shards = int(annotations.get(SHARDS_ANNOTATION) or 1)
+        listed = annotations.get(SHARD_INDEXES_ANNOTATION)
+        indexes = [int(i) for i in listed.split(",")] if listed else list(range(shards))
+    except ValueError:
+        return None  # not written by this operator: observed as a one-pod Job
+    return (shards, indexes) if shards > 1 else None
+
+
+def completion_index(pod: PodBody) -> int | None:
+    meta = pod.get("metadata") or {}
+    text = (meta.get("annotations") or {}).get(COMPLETION_INDEX_KEY) or (meta.get("labels") or {}).get(COMPLETION_INDEX_KEY)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _shards_of(indexes: frozenset[int], mapping: list[int]) -> frozenset[int]:
+    return frozenset(mapping[k] for k in indexes if 0 <= k < len(mapping))
+
+
 def _sorted_pods(pods: Iterable[PodBody]) -> list[PodBody]:
     return sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"].get("name") or ""))
 
@@ -171,6 +230,14 @@ def observe_job(
     pods = _sorted_pods(pods)
     status = job.get("status") or {}
     conds = _true_conditions(job)
+    sharding = job_shards(job)
+    done_shards: frozenset[int] = frozenset()
+    if sharding is not None:
+        try:
+            done_shards = _shards_of(parse_indexes(status.get("completedIndexes")), sharding[1])
+        except ValueError as exc:
+            out.notices.append(Notice(key=f"{job['metadata'].get('uid')}:completedIndexes", reason="StageShards",
+                                      type="Warning", message=f"{job['metadata']['name']}: status.completedIndexes: {exc}"))
 
     for pod in pods:
         if (d := disrupted(pod)) is not None:
@@ -183,6 +250,8 @@ def observe_job(
             ))
         _record_start(job, pod, out)
 
+    if ("Complete" in conds or "SuccessCriteriaMet" in conds) and sharding is not None:
+        return _sharded_success(job, pods, conds, now, out, attempt, sharding, done_shards, result_grace)
     if "Complete" in conds or "SuccessCriteriaMet" in conds:
         done = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
         term = _terminated(done[-1]) if done else None
@@ -213,7 +282,7 @@ def observe_job(
             deadline = since + timedelta(seconds=result_grace)
             if now < deadline:
                 out.wake(deadline)
-                return Observed(attempt=attempt, state="running")
+                return Observed(attempt=attempt, state="running", completed_shards=done_shards)
         exit_code = term.get("exitCode") if term else None
         result = parse_result(term.get("message")) if term else None
         if job_reason == "DeadlineExceeded":
@@ -227,23 +296,27 @@ def observe_job(
         if exit_code is None and job_message and (m := re.search(r"exit code (\d+)", job_message)):
             exit_code = int(m.group(1))
         message = (result.message if result and result.message else None) or (log_tail(term.get("message")) if term else None) or job_message
-        return Observed(attempt=attempt, state="failed", result=result, exit_code=exit_code, reason=reason, message=message)
+        if sharding is not None and failed_pod is not None and (k := completion_index(failed_pod)) is not None \
+                and k < len(sharding[1]):
+            message = f"shard {sharding[1][k]}: {message}" if message else f"shard {sharding[1][k]} failed"
+        return Observed(attempt=attempt, state="failed", result=result, exit_code=exit_code, reason=reason, message=message,
+                        completed_shards=done_shards)
 
     if deleted:
-        return Observed(attempt=attempt, state="missing")
+        return Observed(attempt=attempt, state="missing", completed_shards=done_shards)
 
     live = [p for p in pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
     if not live:
         if (job.get("spec") or {}).get("suspend"):
             return Observed(attempt=attempt, state="pending", message="waiting for admission (Job suspended)")
-        return Observed(attempt=attempt, state="pending")
-    pod = live[-1]
-    phase = (pod.get("status") or {}).get("phase")
-    if phase == "Running":
-        return Observed(attempt=attempt, state="running")
+        return Observed(attempt=attempt, state="running" if done_shards else "pending", completed_shards=done_shards)
+    # One pod of a plain Job; a sharded Job runs while any of its pods does.
+    if any((p.get("status") or {}).get("phase") == "Running" for p in live):
+        return Observed(attempt=attempt, state="running", completed_shards=done_shards)
+    pod = next((p for p in live if _stuck(p) is not None), live[-1])
     stuck = _stuck(pod)
     if stuck is None:
-        return Observed(attempt=attempt, state="pending")
+        return Observed(attempt=attempt, state="running" if done_shards else "pending", completed_shards=done_shards)
     reason, message = stuck
     uid = pod["metadata"].get("uid") or pod["metadata"].get("name")
     since = _time(pod["metadata"].get("creationTimestamp")) or (first_seen.get(uid) if first_seen and uid is not None else None) or now
@@ -256,7 +329,32 @@ def observe_job(
                   else f"pod {pod['metadata'].get('name')} {reason} for {waited}s")
     out.notices.append(Notice(key=f"{uid}:{reason}", reason="StagePending", type="Warning",
                               message=f"{job['metadata']['name']}: {text}"))
-    return Observed(attempt=attempt, state="pending", reason=reason, message=text)
+    return Observed(attempt=attempt, state="pending", reason=reason, message=text, completed_shards=done_shards)
+
+
+def _sharded_success(job: JobBody, pods: list[PodBody], conds: dict[str | None, Condition], now: datetime, out: Observation,
+                     attempt: int, sharding: tuple[int, list[int]], done_shards: frozenset[int],
+                     result_grace: float) -> Observed:
+    """Every index of the Job succeeded: the stage's result is the merged summary (shard none),
+    written by the shard that finished last and saw every shard's marker."""
+    for pod in reversed(pods):
+        if (pod.get("status") or {}).get("phase") != "Succeeded":
+            continue
+        term = _terminated(pod)
+        result = parse_result(term.get("message")) if term else None
+        if result is not None and result.shard is None:
+            return Observed(attempt=attempt, state="succeeded", result=result, completed_shards=done_shards)
+    # The pod that merged may not have reached us yet (its watch event lags the Job's).
+    cond = conds.get("Complete") or conds.get("SuccessCriteriaMet") or {}
+    since = _time((job.get("status") or {}).get("completionTime")) or _time(cond.get("lastTransitionTime")) or now
+    deadline = since + timedelta(seconds=result_grace)
+    if now < deadline:
+        out.wake(deadline)
+        return Observed(attempt=attempt, state="running", completed_shards=done_shards)
+    shards, indexes = sharding
+    return Observed(attempt=attempt, state="failed", reason="MissingResult", completed_shards=done_shards,
+                    message=f"the Job's {len(indexes)} pods of {shards} shards completed but none reported the merged "
+                            f"result (a summary with no shard): no shard saw every shard's _SUCCESS marker")
 
 
 def _stuck(pod: PodBody) -> tuple[str, str | None] | None:
@@ -286,6 +384,16 @@ def _record_start(job: JobBody, pod: PodBody, out: Observation) -> None:
 
 # =========================================================================== what matters
 _META_KEPT = ("name", "namespace", "uid", "labels", "ownerReferences", "creationTimestamp", "deletionTimestamp")
+# The only annotations observing reads: a sharded Job's shards, a pod's completion index.
+_ANNOTATIONS_KEPT = (SHARDS_ANNOTATION, SHARD_INDEXES_ANNOTATION, COMPLETION_INDEX_KEY)
+
+
+def _slim_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    kept = {k: meta[k] for k in _META_KEPT if k in meta}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k in _ANNOTATIONS_KEPT}
+    if annotations:
+        kept["annotations"] = annotations
+    return kept
 _POD_STATUS_KEPT = ("phase", "reason", "conditions", "containerStatuses", "initContainerStatuses")
 
 
@@ -296,9 +404,9 @@ def slim_job(job: JobBody) -> JobBody:
     meta: Mapping[str, Any] = job.get("metadata") or {}
     status: Mapping[str, Any] = job.get("status") or {}
     return cast(JobBody, {
-        "metadata": {k: meta[k] for k in _META_KEPT if k in meta},
+        "metadata": _slim_meta(meta),
         "spec": {"suspend": True} if (job.get("spec") or {}).get("suspend") else {},
-        "status": {k: status[k] for k in ("conditions", "completionTime") if k in status},
+        "status": {k: status[k] for k in ("conditions", "completionTime", "completedIndexes", "failedIndexes") if k in status},
     })
 
 
@@ -306,7 +414,7 @@ def slim_pod(pod: PodBody) -> PodBody:
     meta: Mapping[str, Any] = pod.get("metadata") or {}
     status: Mapping[str, Any] = pod.get("status") or {}
     return cast(PodBody, {
-        "metadata": {k: meta[k] for k in _META_KEPT if k in meta},
+        "metadata": _slim_meta(meta),
         "status": {k: status[k] for k in _POD_STATUS_KEPT if k in status},
     })
 
@@ -316,7 +424,9 @@ def job_signature(job: JobBody) -> tuple:
     `active` count, `ready`, `startTime` …) cannot change what the planner sees."""
     conditions = tuple(sorted((c.get("type") or "", c.get("reason") or "") for c in (job.get("status") or {}).get("conditions") or ()
                               if c.get("status") == "True"))
-    return conditions, bool((job.get("spec") or {}).get("suspend")), bool(job.get("metadata", {}).get("deletionTimestamp"))
+    status = job.get("status") or {}
+    return (conditions, bool((job.get("spec") or {}).get("suspend")), bool(job.get("metadata", {}).get("deletionTimestamp")),
+            status.get("completedIndexes"), status.get("failedIndexes"))
 
 
 QUIET_POD = (None, None, False)
@@ -355,6 +465,7 @@ def observe_run(
         if name:
             by_job.setdefault(name, []).append(pod)
     candidates: dict[tuple[int, str], tuple[int, Observed]] = {}
+    shards_done: dict[tuple[int, str], frozenset[int]] = {}
     for deleted, group in ((True, deleted_jobs), (False, jobs)):
         for job in group:
             if run_uid and controller_uid(job) not in (run_uid, None):
@@ -368,8 +479,11 @@ def observe_run(
             if obs is None:
                 continue
             slot = (key[0], key[1])
+            shards_done[slot] = shards_done.get(slot, frozenset()) | obs.completed_shards
             # The highest attempt wins; for the same attempt a live Job beats its tombstone.
             if slot not in candidates or candidates[slot][0] <= key[2]:
                 candidates[slot] = (key[2], obs)
-    out.observed = {slot: obs for slot, (_, obs) in candidates.items()}
+    # A shard finished by an earlier attempt stays done (its Job may still be there, until its ttl).
+    out.observed = {slot: obs if obs.completed_shards == shards_done[slot] else replace(obs, completed_shards=shards_done[slot])
+                    for slot, (_, obs) in candidates.items()}
     return out
