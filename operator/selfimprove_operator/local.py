@@ -30,6 +30,7 @@ from pathlib import Path
 from selfimprove_workers.contract import StageResult
 from selfimprove_workers.log import PROGRESS_KEY, ProgressRecord, parse_progress
 from selfimprove_workers.redaction import redact, redact_obj
+from selfimprove_workers.runtime import SHARD_INDEX_ENV
 from selfimprove_workers.storage import storage_for
 
 from .api import SelfImproveRun, SelfImproveRunStatus
@@ -61,6 +62,9 @@ class StageProcess:
     report: ProgressRecord | None = None    # the newest progress record of its log
     last_message: str | None = None
     metrics: dict = field(default_factory=dict)
+    shard: int | None = None
+    # A sharded attempt's processes, one per shard it runs (this one first; empty otherwise).
+    group: list["StageProcess"] = field(default_factory=list)
 
 
 def local_run(run: SelfImproveRun, storage_uri: str | None) -> SelfImproveRun:
@@ -148,19 +152,33 @@ class LocalExecutor:
         key = (start.round, start.stage)
         task_file = self.workdir / f"{start.job_name}.json"
         task_file.write_text(json.dumps(start.task.wire(), indent=2))
-        result_file = self.workdir / f"{start.job_name}.result.json"
-        result_file.unlink(missing_ok=True)
-        log_file = self.workdir / f"{start.job_name}.log"
-        env = {**os.environ, "TERMINATION_LOG": str(result_file), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            [*self.stage_command, str(task_file)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-            preexec_fn=_die_with_parent, text=True, bufsize=1,
-        )
-        sp = StageProcess(start, proc, result_file, log_file)
+        task = start.task
+        # A sharded attempt is what an Indexed Job is on Kubernetes: one process per shard it
+        # runs, the same task file, process k with JOB_COMPLETION_INDEX=k.
+        shards: list[int | None] = (
+            list(task.shard_indexes if task.shard_indexes is not None else range(task.shards))
+            if task.shards > 1 else [None])
+        group = []
+        for k, shard in enumerate(shards):
+            stem = start.job_name if shard is None else f"{start.job_name}.shard-{shard:05d}"
+            result_file = self.workdir / f"{stem}.result.json"
+            result_file.unlink(missing_ok=True)
+            log_file = self.workdir / f"{stem}.log"
+            env = {**os.environ, "TERMINATION_LOG": str(result_file), "PYTHONUNBUFFERED": "1"}
+            if shard is not None:
+                env[SHARD_INDEX_ENV] = str(k)
+            proc = subprocess.Popen(
+                [*self.stage_command, str(task_file)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                preexec_fn=_die_with_parent, text=True, bufsize=1,
+            )
+            group.append(StageProcess(start, proc, result_file, log_file, shard=shard))
+        sp = group[0]
+        sp.group = group if task.shards > 1 else []
         self.running[key] = sp
         self.observed[key] = Observed(attempt=start.attempt, state="running")
-        threading.Thread(target=self._pump, args=(sp,), daemon=True).start()
+        for member in group:
+            threading.Thread(target=self._pump, args=(member,), daemon=True).start()
 
     def _pump(self, sp: StageProcess) -> None:
         """Copy the stage's JSON log to its file and pick out progress and metrics."""
@@ -193,17 +211,54 @@ class LocalExecutor:
         sp = self.running.pop(key, None)
         if sp is None:
             return
-        sp.proc.terminate()
-        try:
-            sp.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            sp.proc.kill()
-            sp.proc.wait()
+        for member in sp.group or [sp]:
+            member.proc.terminate()
+        for member in sp.group or [sp]:
+            try:
+                member.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                member.proc.kill()
+                member.proc.wait()
+
+    def _collect_group(self, key: tuple[int, str], sp: StageProcess) -> bool:
+        """A sharded attempt: running while any shard runs (its finished shards reported), then
+        succeeded when every shard did and one of them merged; failed otherwise."""
+        codes = [m.proc.poll() for m in sp.group]
+        done = frozenset(m.shard for m, c in zip(sp.group, codes, strict=True) if c == 0 and m.shard is not None)
+        before = self.observed.get(key)
+        if any(c is None for c in codes):
+            self.observed[key] = Observed(attempt=sp.start.attempt, state="running", progress=sp.progress,
+                                          report=sp.report, completed_shards=done)
+            return before is None or before.completed_shards != done
+        del self.running[key]
+        results = [_result_of(m) for m in sp.group]
+        merged = next((r for r, c in zip(results, codes, strict=True) if c == 0 and r is not None and r.shard is None), None)
+        if all(c == 0 for c in codes) and merged is not None:
+            self.observed[key] = Observed(attempt=sp.start.attempt, state="succeeded", result=merged, completed_shards=done)
+            return True
+        bad = next(((m, c, r) for m, c, r in zip(sp.group, codes, results, strict=True) if c != 0), None)
+        code: int = 0
+        result: StageResult | None = None
+        if bad is None:
+            message = "every shard exited 0 but none merged the stage"
+        else:
+            m, exit_code, result = bad
+            code = exit_code if exit_code is not None else 1
+            message = (result.message if result and result.message else _tail(m.log_file)) or f"exit code {code}"
+            message = f"shard {m.shard}: {message}"
+        self.observed[key] = Observed(
+            attempt=sp.start.attempt, state="failed", exit_code=code, result=result if bad else None,
+            reason=None if code >= 0 else f"Signal{-code}", message=redact(message), completed_shards=done,
+        )
+        return True
 
     def _collect(self) -> bool:
         """Turn finished processes into observations; True when something changed."""
         changed = False
         for key, sp in list(self.running.items()):
+            if sp.group:
+                changed = self._collect_group(key, sp) or changed
+                continue
             code = sp.proc.poll()
             if code is None:
                 if sp.progress:
@@ -217,14 +272,7 @@ class LocalExecutor:
             sp.proc.wait()
             del self.running[key]
             changed = True
-            result = None
-            if sp.result_file.exists():
-                try:
-                    result = StageResult.parse_summary(sp.result_file.read_text())
-                except ValueError:
-                    result = None
-            if result is not None and result.message:
-                result = result.model_copy(update={"message": redact(result.message)})
+            result = _result_of(sp)
             if code == 0 and result is not None:
                 self.observed[key] = Observed(attempt=sp.start.attempt, state="succeeded", result=result)
             else:
@@ -271,6 +319,18 @@ class LocalExecutor:
         status = self._current()
         status.message = "interrupted; run the same command to resume"
         self.store.save(status)
+
+
+def _result_of(sp: StageProcess) -> StageResult | None:
+    result = None
+    if sp.result_file.exists():
+        try:
+            result = StageResult.parse_summary(sp.result_file.read_text())
+        except ValueError:
+            result = None
+    if result is not None and result.message:
+        result = result.model_copy(update={"message": redact(result.message)})
+    return result
 
 
 def _tail(path: Path, lines: int = 5) -> str | None:

@@ -57,14 +57,26 @@ class StageOutcome:
 class StageContext:
     """Everything a stage function needs besides its task."""
 
-    def __init__(self, task: StageTask, workdir: Path):
+    def __init__(self, task: StageTask, workdir: Path, shard: int | None = None):
         from .storage import StageWriter, storage_for
 
         self.task = task
         self.workdir = workdir
+        # A shard of a sharded stage writes under `<output>/shards/<i>/`; the merge (shard None)
+        # and a one-shard stage under the output itself.
+        self.shard = shard
+        self.prefix = shard_prefix(task, shard) if shard is not None else task.output
         self.storage = storage_for(task.output, endpoint=task.storage.endpoint, region=task.storage.region)
-        self.writer = StageWriter(self.storage, task.output)
+        self.writer = StageWriter(self.storage, self.prefix)
         self.log = logging.getLogger(f"selfimprove.{task.stage.value}")
+
+    def shard_rows(self, rows: list[Any]) -> list[Any]:
+        """This shard's deterministic contiguous slice of a stage's input rows (all of them
+        when the stage is not sharded): rows[i·n//N : (i+1)·n//N]."""
+        if self.shard is None:
+            return rows
+        n, total = len(rows), self.task.shards
+        return rows[self.shard * n // total:(self.shard + 1) * n // total]
 
     def storage_for(self, uri: str):
         from .storage import storage_for
@@ -100,6 +112,28 @@ class StageContext:
 
 
 StageFn = Callable[[StageContext], StageOutcome]
+# Builds the whole stage's outcome from its committed shard directories (index order), exactly
+# as one unsharded run would have: concatenated outputs, metrics recomputed from them.
+MergeFn = Callable[[StageContext, list[str]], StageOutcome]
+SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"
+
+
+def shard_prefix(task: StageTask, shard: int) -> str:
+    return task.uri(f"shards/{shard:05d}/")
+
+
+def shard_of(task: StageTask) -> int:
+    """The shard this process runs: pod k of an Indexed Job (JOB_COMPLETION_INDEX=k) runs
+    `shardIndexes[k]`, or shard k when the task runs every shard."""
+    text = os.environ.get(SHARD_INDEX_ENV, "0")
+    try:
+        k = int(text)
+    except ValueError:
+        raise BadInput(f"{SHARD_INDEX_ENV}: {text!r} is not an integer") from None
+    runs = task.shard_indexes if task.shard_indexes is not None else list(range(task.shards))
+    if not 0 <= k < len(runs):
+        raise BadInput(f"{SHARD_INDEX_ENV}: {k} is out of range; this task runs {len(runs)} shard(s)")
+    return runs[k]
 
 
 def load_task(arg: str) -> StageTask:
@@ -134,24 +168,24 @@ def write_summary(result: StageResult) -> None:
 
 
 def _already_done(ctx: StageContext) -> StageResult | None:
-    from .storage import is_complete, read_committed, read_marker
+    from .storage import is_complete, join_uri, read_committed, read_marker
 
-    marker = read_marker(ctx.storage, ctx.task.output)
+    marker = read_marker(ctx.storage, ctx.prefix)
     if marker is None:
         return None
     if marker.get("task") != ctx.task.digest():
         raise BadInput(
-            f"output: {ctx.task.output} already holds the committed output of a different task; "
+            f"output: {ctx.prefix} already holds the committed output of a different task; "
             "a changed task needs a new output directory"
         )
     try:
-        if not is_complete(ctx.storage, ctx.task.output):
+        if not is_complete(ctx.storage, ctx.prefix):
             return None
-        body = json.loads(read_committed(ctx.storage, ctx.task.output, RESULT_FILE))
+        body = json.loads(read_committed(ctx.storage, ctx.prefix, RESULT_FILE))
     except CorruptObjectError as exc:
         # Finished once, damaged since: run it again rather than hand out bad data.
         ctx.log.warning(f"committed output is corrupt ({exc}); running the stage again")
-        ctx.storage.delete(ctx.task.uri(MARKER_NAME))
+        ctx.storage.delete(join_uri(ctx.prefix, MARKER_NAME))
         return None
     summary = StageResult.model_validate(body["summary"])
     return summary.model_copy(update={"skipped": True})
@@ -176,30 +210,87 @@ def check_pinned(ctx: StageContext) -> dict[str, str]:
     return digests
 
 
-def run_task(task: StageTask, stage_fn: StageFn | None = None) -> StageResult:
+def run_task(task: StageTask, stage_fn: StageFn | None = None, merge_fn: MergeFn | None = None) -> StageResult:
+    """Run the task, or this process's shard of it. With shards > 1: run the shard (unless its
+    own `_SUCCESS` says it is done), commit it, then list every shard's marker; the shard that
+    sees all N merges (docs/architecture.md, "Sharded stages")."""
     started = now_rfc3339()
     t0 = time.monotonic()
+    shard = shard_of(task) if task.shards > 1 else None
     with tempfile.TemporaryDirectory(prefix=f"selfimprove-{task.stage.value}-") as tmp:
-        ctx = StageContext(task, Path(tmp))
-        pinned = check_pinned(ctx)
-        done = _already_done(ctx)
+        top = StageContext(task, Path(tmp))
+        pinned = check_pinned(top)
+        done = _already_done(top)
         if done is not None:
-            ctx.log.info(f"{task.stage.value}: output already complete at {task.output}; skipping")
+            top.log.info(f"{task.stage.value}: output already complete at {task.output}; skipping")
             return done.model_copy(update={"inputs": pinned})
-        if stage_fn is None:
-            stage_fn = importlib.import_module(STAGE_MODULES[task.stage]).run
-        ctx.log.info(f"{task.stage.value} round {task.round} attempt {task.attempt} → {task.output}")
-        outcome = stage_fn(ctx)
-        outputs = {k: (v if "://" in v or v.startswith("/") else task.uri(v)) for k, v in outcome.outputs.items()}
-        metrics = dict(outcome.metrics)
-        metrics.setdefault("seconds", round(time.monotonic() - t0, 3))
-        result = StageResult(
-            stage=task.stage, round=task.round, status="Succeeded", metrics=metrics,
-            outputs=outputs, inputs=pinned, started_at=started, finished_at=now_rfc3339(),
-        )
-        ctx.writer.write_json(RESULT_FILE, full_result(result, outcome.details))
-        ctx.writer.commit(task.digest())
-        return result
+        module = None
+        if stage_fn is None or (shard is not None and merge_fn is None):
+            module = importlib.import_module(STAGE_MODULES[task.stage])
+        run = stage_fn or module.run  # type: ignore[union-attr]
+        ctx = StageContext(task, Path(tmp), shard) if shard is not None else top
+        result = _already_done(ctx) if shard is not None else None
+        if result is None:
+            where = f"shard {shard}/{task.shards} " if shard is not None else ""
+            ctx.log.info(f"{task.stage.value} round {task.round} attempt {task.attempt} {where}→ {ctx.prefix}")
+            result = _commit(ctx, run(ctx), pinned, started, t0)
+        else:
+            ctx.log.info(f"{task.stage.value}: shard {shard} already complete; merging if it is the last")
+        if shard is None:
+            return result
+        # Our marker is written: whichever shard lists all N last (storage is list-after-write
+        # consistent) merges; two merging at once write identical bytes.
+        if not all(_shard_committed(top, i) for i in range(task.shards)):
+            return result.model_copy(update={"inputs": pinned})
+        merge = merge_fn or getattr(module, "merge", None)
+        if merge is None:
+            raise BadInput(f"shards: the {task.stage.value} stage has no merge; run it with shards 1")
+        dirs = [shard_prefix(task, i) for i in range(task.shards)]
+        top.log.info(f"{task.stage.value}: all {task.shards} shards committed; merging")
+        return _commit(top, merge(top, dirs), pinned, started, t0)
+
+
+def _shard_committed(top: StageContext, shard: int) -> bool:
+    from .storage import is_complete, read_marker
+
+    prefix = shard_prefix(top.task, shard)
+    marker = read_marker(top.storage, prefix)
+    return marker is not None and marker.get("task") == top.task.digest() and is_complete(top.storage, prefix)
+
+
+def _commit(ctx: StageContext, outcome: StageOutcome, pinned: dict[str, str], started: str, t0: float) -> StageResult:
+    task = ctx.task
+    outputs = {k: (v if "://" in v or v.startswith("/") else ctx.prefix.rstrip("/") + "/" + v) for k, v in outcome.outputs.items()}
+    metrics = dict(outcome.metrics)
+    metrics.setdefault("seconds", round(time.monotonic() - t0, 3))
+    result = StageResult(
+        stage=task.stage, round=task.round, status="Succeeded", metrics=metrics,
+        outputs=outputs, inputs=pinned, started_at=started, finished_at=now_rfc3339(),
+        shard=ctx.shard, shards=task.shards,
+    )
+    ctx.writer.write_json(RESULT_FILE, full_result(result, outcome.details))
+    ctx.writer.commit(task.digest())
+    return result
+
+
+def concat_outputs(ctx: StageContext, shard_dirs: list[str], name: str) -> list[dict[str, Any]]:
+    """Concatenate output `name` of every shard, in shard order, into the stage's own output
+    (byte for byte what one process writes) and return its rows for the metrics."""
+    from .storage import read_committed
+
+    rows: list[dict[str, Any]] = []
+    for d in shard_dirs:
+        data = read_committed(ctx.storage, d, name)
+        rows.extend(json.loads(line) for line in data.decode().splitlines() if line.strip())
+    ctx.writer.write_jsonl(name, rows)
+    return rows
+
+
+def shard_details(ctx: StageContext, shard_dirs: list[str]) -> list[dict[str, Any]]:
+    """Each shard's result.json details, in shard order."""
+    from .storage import read_committed
+
+    return [json.loads(read_committed(ctx.storage, d, RESULT_FILE)).get("details", {}) for d in shard_dirs]
 
 
 def _failure(task: StageTask | None, reason: str, message: str) -> StageResult | None:
@@ -211,8 +302,9 @@ def _failure(task: StageTask | None, reason: str, message: str) -> StageResult |
     )
 
 
-def main(argv: list[str] | None = None, stage_fn: StageFn | None = None) -> int:
-    """The process entrypoint. `stage_fn` replaces the stage's own module (embedding, tests)."""
+def main(argv: list[str] | None = None, stage_fn: StageFn | None = None, merge_fn: MergeFn | None = None) -> int:
+    """The process entrypoint. `stage_fn` (and `merge_fn`) replace the stage's own module
+    (embedding, tests)."""
     argv = sys.argv[1:] if argv is None else argv
     log.setup()
     if len(argv) != 1:
@@ -221,7 +313,7 @@ def main(argv: list[str] | None = None, stage_fn: StageFn | None = None) -> int:
     task: StageTask | None = None
     try:
         task = load_task(argv[0])
-        result = run_task(task, stage_fn)
+        result = run_task(task, stage_fn, merge_fn)
         write_summary(result)
         return EXIT_OK
     except BadInput as exc:

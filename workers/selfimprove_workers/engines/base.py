@@ -31,6 +31,10 @@ class GenerationParams:
     top_p: float = 1.0
     max_tokens: int = 512           # generated tokens per completion, at most
     seed: int | None = None         # base seed; each prompt draws from its own `prompt_seed`
+    # Per-prompt seed keys (the question ids): prompt i draws from prompt_seed(seed, keys[i]),
+    # so a prompt samples the same wherever it sits (a shard's batch or the whole set). None:
+    # its position in the batch.
+    seed_keys: tuple[str, ...] | None = None
     stop: tuple[str, ...] = ()      # the text ends before the first of these (not included)
     # Tokens that end a completion besides the model's EOS ids (`hf.eos_token_ids`): the token a
     # chat template ends an assistant turn with, which training teaches (prompts.answer_end_id).
@@ -100,8 +104,9 @@ def encode_completion(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def prompt_seed(seed: int, index: int) -> int:
-    """The sampling seed of prompt `index` of a batch.
+def prompt_seed(seed: int, index: int | str) -> int:
+    """The sampling seed of prompt `index` of a batch (or of the prompt keyed `index`: its
+    question id, `GenerationParams.seed_keys`).
 
     Every prompt gets its own seed so results do not depend on how the engine batches or
     schedules (vLLM draws a per-request generator from it). Seeds are hashed, not `seed +

@@ -8,7 +8,9 @@ sorted by length and cut into micro-batches of at most `MAX_BATCH_SEQUENCES` seq
 Sampling is seeded with `torch.manual_seed` inside a forked RNG state: the same prompts, params
 and seed give the same completions, without disturbing the caller's random state. (Streams are
 per batch, not per prompt as in vLLM: transformers draws one tensor of random numbers per step
-for the whole batch, so the two engines' samples differ even with equal seeds.)
+for the whole batch, so the two engines' samples differ even with equal seeds. For the same
+reason `GenerationParams.seed_keys` cannot make a sharded `sample` stage equal an unsharded one
+here; with vLLM it does.)
 """
 
 from __future__ import annotations

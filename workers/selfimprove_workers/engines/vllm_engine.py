@@ -166,7 +166,8 @@ class VllmEngine:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 max_tokens=completion_budget(len(e), params.max_tokens, self.max_model_len, f"prompt {i}"),
-                seed=None if params.seed is None else prompt_seed(params.seed, i),
+                seed=None if params.seed is None else prompt_seed(
+                    params.seed, params.seed_keys[i] if params.seed_keys is not None else i),
                 stop=list(params.stop) or None,
                 # vLLM adds the tokenizer's EOS and generation_config's eos_token_id itself.
                 stop_token_ids=list(params.stop_token_ids) or None,

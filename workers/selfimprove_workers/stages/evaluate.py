@@ -54,13 +54,14 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
     answer = task.prompting.answer
 
     eval_uri = task.inputs.evaluation
-    eval_set = _labeled(ctx, eval_uri, spec.limit, "inputs.evaluation")
+    # A shard scores its contiguous slice of each set; the merge concatenates them in order.
+    eval_set = ctx.shard_rows(_labeled(ctx, eval_uri, spec.limit, "inputs.evaluation"))
     eval_gold = gold_answers(ctx, eval_uri, eval_set, answer)
     seed_uri = task.inputs.seed
-    seed_set = _labeled(ctx, seed_uri, None, "inputs.seed") if seed_uri else []
+    seed_set = ctx.shard_rows(_labeled(ctx, seed_uri, None, "inputs.seed")) if seed_uri else []
     seed_gold = gold_answers(ctx, seed_uri, seed_set, answer) if seed_uri else []
     val_uri = task.inputs.validation
-    val_set = _labeled(ctx, val_uri, spec.limit, "inputs.validation") if val_uri else []
+    val_set = ctx.shard_rows(_labeled(ctx, val_uri, spec.limit, "inputs.validation")) if val_uri else []
     val_gold = gold_answers(ctx, val_uri, val_set, answer) if val_uri else []
 
     exemplars = load_exemplars(ctx.storage_for, task.prompting)
@@ -93,25 +94,18 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
     if len(outputs) != len(prompts):
         raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(prompts)} prompts")
 
-    rows, correct = score(eval_set, eval_gold, outputs[: len(eval_set)], answer)
+    rows, _ = score(eval_set, eval_gold, outputs[: len(eval_set)], answer)
     ctx.writer.write_jsonl(PREDICTIONS, rows)
-    metrics: dict[str, Any] = {"accuracy": round(correct / len(rows), 6), "correct": correct, "total": len(rows)}
-    outs = {"predictions": PREDICTIONS}
+    seed_rows = val_rows = None
     if seed_uri:
-        seed_rows, seed_correct = score(seed_set, seed_gold, outputs[len(eval_set): len(eval_set) + len(seed_set)], answer)
+        seed_rows, _ = score(seed_set, seed_gold, outputs[len(eval_set): len(eval_set) + len(seed_set)], answer)
         ctx.writer.write_jsonl(SEED_PREDICTIONS, seed_rows)
-        metrics.update(seedAccuracy=round(seed_correct / len(seed_rows), 6), seedCorrect=seed_correct,
-                       seedTotal=len(seed_rows))
-        outs["seedPredictions"] = SEED_PREDICTIONS
     if val_uri:
-        val_rows, val_correct = score(val_set, val_gold, outputs[len(eval_set) + len(seed_set):], answer)
+        val_rows, _ = score(val_set, val_gold, outputs[len(eval_set) + len(seed_set):], answer)
         ctx.writer.write_jsonl(VALIDATION_PREDICTIONS, val_rows)
-        metrics.update(validationAccuracy=round(val_correct / len(val_rows), 6), validationCorrect=val_correct,
-                       validationTotal=len(val_rows))
-        outs["validationPredictions"] = VALIDATION_PREDICTIONS
+    metrics, outs = _metrics(ctx, rows, seed_rows, val_rows)
     generated = sum(c.tokens for o in outputs for c in o.completions)
     unanswered = sum(r["prediction"] is None for r in rows)
-    ctx.log.info(f"accuracy {metrics['accuracy']:.4f} ({correct}/{len(rows)}, {unanswered} without an answer)")
     details = {
         "format": fmt,
         "adapter": task.model.adapter,
@@ -121,6 +115,52 @@ def evaluate(ctx: StageContext, engine: Engine | None = None) -> StageOutcome:
         "generationSeconds": round(seconds, 3),
         "outputTokensPerSecond": round(generated / seconds, 2) if seconds > 0 else None,
     }
+    if ctx.shard is None:  # a shard's accuracy is not the round's: the merge writes the event
+        _eval_events(ctx, metrics)
+    return StageOutcome(metrics=metrics, outputs=outs, details=details)
+
+
+def _metrics(ctx: StageContext, rows: list[dict[str, Any]], seed_rows: list[dict[str, Any]] | None,
+             val_rows: list[dict[str, Any]] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Accuracies from the prediction rows (an empty shard slice scores 0 of 0)."""
+    def acc(rs: list[dict[str, Any]]) -> tuple[float, int]:
+        correct = sum(bool(r["correct"]) for r in rs)
+        return (round(correct / len(rs), 6) if rs else 0.0), correct
+
+    a, correct = acc(rows)
+    metrics: dict[str, Any] = {"accuracy": a, "correct": correct, "total": len(rows)}
+    outs = {"predictions": PREDICTIONS}
+    if seed_rows is not None:
+        sa, sc = acc(seed_rows)
+        metrics.update(seedAccuracy=sa, seedCorrect=sc, seedTotal=len(seed_rows))
+        outs["seedPredictions"] = SEED_PREDICTIONS
+    if val_rows is not None:
+        va, vc = acc(val_rows)
+        metrics.update(validationAccuracy=va, validationCorrect=vc, validationTotal=len(val_rows))
+        outs["validationPredictions"] = VALIDATION_PREDICTIONS
+    unanswered = sum(r["prediction"] is None for r in rows)
+    ctx.log.info(f"accuracy {a:.4f} ({correct}/{len(rows)}, {unanswered} without an answer)")
+    return metrics, outs
+
+
+def merge(ctx: StageContext, shard_dirs: list[str]) -> StageOutcome:
+    """The round's evaluation from its shards: predictions concatenated in shard order, the
+    accuracies recomputed from them, the TensorBoard event written once."""
+    from ..runtime import concat_outputs, shard_details
+
+    task = ctx.task
+    rows = concat_outputs(ctx, shard_dirs, PREDICTIONS)
+    seed_rows = concat_outputs(ctx, shard_dirs, SEED_PREDICTIONS) if task.inputs.seed else None
+    val_rows = concat_outputs(ctx, shard_dirs, VALIDATION_PREDICTIONS) if task.inputs.validation else None
+    metrics, outs = _metrics(ctx, rows, seed_rows, val_rows)
+    parts = shard_details(ctx, shard_dirs)
+    seconds = max((float(d.get("generationSeconds", 0.0)) for d in parts), default=0.0)
+    generated = sum(int(d.get("generatedTokens", 0)) for d in parts)
+    first = parts[0] if parts else {}
+    details = {"format": first.get("format"), "adapter": task.model.adapter, "engine": first.get("engine"),
+               "unanswered": sum(r["prediction"] is None for r in rows), "generatedTokens": generated,
+               "generationSeconds": round(seconds, 3), "shards": len(shard_dirs),
+               "outputTokensPerSecond": round(generated / seconds, 2) if seconds > 0 else None}
     _eval_events(ctx, metrics)
     return StageOutcome(metrics=metrics, outputs=outs, details=details)
 

@@ -49,12 +49,15 @@ def run(ctx: StageContext) -> StageOutcome:
     questions = load_examples(ctx.storage_for(uri), uri)
     if not questions:
         raise BadInput(f"inputs.questions: {display_name(uri)} holds no questions")
+    questions = ctx.shard_rows(questions)
     exemplars = load_exemplars(ctx.storage_for, task.prompting)
     fmt = resolve_format("fewShotCot", bool(exemplars))
     adapter = str(ctx.local_dir(task.model.adapter)) if task.model.adapter else None
     seed = spec.seed + task.round
     params = GenerationParams(n=spec.paths, temperature=spec.temperature, top_p=spec.top_p,
-                              max_tokens=spec.max_tokens, seed=seed, stop=STOP_SEQUENCES)
+                              max_tokens=spec.max_tokens, seed=seed, stop=STOP_SEQUENCES,
+                              # by question id, not position: a shard samples what one run would
+                              seed_keys=tuple(q.id for q in questions))
 
     from ..engines import open_model
 
@@ -78,33 +81,18 @@ def run(ctx: StageContext) -> StageOutcome:
     answer_spec = task.prompting.answer
     sample_rows: list[dict[str, Any]] = []
     vote_rows: list[dict[str, Any]] = []
-    generated = 0
     for q, out in zip(questions, outputs, strict=True):
         answers = []
         for i, c in enumerate(out.completions):
             a = extract_answer(c.text, answer_spec)
             answers.append(a)
-            generated += c.tokens
             sample_rows.append({"id": q.id, "question": q.question, "path": i, "text": c.text,
                                 "answer": a, "tokens": c.tokens, "finish": c.finish_reason})
         vote_rows.append({"id": q.id, "question": q.question, **vote(answers).wire()})
     ctx.writer.write_jsonl(SAMPLES, sample_rows)
     ctx.writer.write_jsonl(VOTES, vote_rows)
-
-    mean_conf = sum(v["confidence"] for v in vote_rows) / len(vote_rows)
-    answered = sum(v["majority"] is not None for v in vote_rows) / len(vote_rows)
-    tps = generated / seconds if seconds > 0 else 0.0
-    ctx.log.info(f"{len(sample_rows)} paths, {generated} tokens in {seconds:.1f}s ({tps:.0f} tokens/s), "
-                 f"mean confidence {mean_conf:.3f}")
     return StageOutcome(
-        metrics={
-            "questions": len(vote_rows),
-            "paths": len(sample_rows),
-            "meanConfidence": round(mean_conf, 6),
-            "answered": round(answered, 6),
-            "generatedTokens": generated,
-            "tokensPerSecond": round(tps, 2),
-        },
+        metrics=_metrics(ctx, sample_rows, vote_rows, seconds),
         outputs={"samples": SAMPLES, "votes": VOTES},
         details={
             "format": fmt,
@@ -117,3 +105,41 @@ def run(ctx: StageContext) -> StageOutcome:
             "truncatedPaths": sum(r["finish"] == "length" for r in sample_rows),
         },
     )
+
+
+def _metrics(ctx: StageContext, sample_rows: list[dict[str, Any]], vote_rows: list[dict[str, Any]],
+             seconds: float) -> dict[str, Any]:
+    generated = sum(r["tokens"] for r in sample_rows)
+    mean_conf = sum(v["confidence"] for v in vote_rows) / len(vote_rows) if vote_rows else 0.0
+    answered = sum(v["majority"] is not None for v in vote_rows) / len(vote_rows) if vote_rows else 0.0
+    tps = generated / seconds if seconds > 0 else 0.0
+    ctx.log.info(f"{len(sample_rows)} paths, {generated} tokens in {seconds:.1f}s ({tps:.0f} tokens/s), "
+                 f"mean confidence {mean_conf:.3f}")
+    return {
+        "questions": len(vote_rows),
+        "paths": len(sample_rows),
+        "meanConfidence": round(mean_conf, 6),
+        "answered": round(answered, 6),
+        "generatedTokens": generated,
+        "tokensPerSecond": round(tps, 2),
+    }
+
+
+def merge(ctx: StageContext, shard_dirs: list[str]) -> StageOutcome:
+    """The whole stage from its shards: the files concatenated in shard order (each shard
+    holds a contiguous slice of the questions), the metrics recomputed from them. Throughput
+    is the shards' tokens over the slowest shard's generation time (they ran in parallel)."""
+    from ..runtime import concat_outputs, shard_details
+
+    sample_rows = concat_outputs(ctx, shard_dirs, SAMPLES)
+    vote_rows = concat_outputs(ctx, shard_dirs, VOTES)
+    parts = shard_details(ctx, shard_dirs)
+    seconds = max((float(d.get("generationSeconds", 0.0)) for d in parts), default=0.0)
+    first = parts[0] if parts else {}
+    details = {k: first.get(k) for k in ("format", "exemplars", "engine", "adapter", "seed")}
+    details.update(generationSeconds=round(seconds, 3), shards=len(shard_dirs),
+                   shardGenerationSeconds=[d.get("generationSeconds") for d in parts],
+                   promptTokens=sum(int(d.get("promptTokens", 0)) for d in parts),
+                   truncatedPaths=sum(r["finish"] == "length" for r in sample_rows))
+    return StageOutcome(metrics=_metrics(ctx, sample_rows, vote_rows, seconds),
+                        outputs={"samples": SAMPLES, "votes": VOTES}, details=details)
