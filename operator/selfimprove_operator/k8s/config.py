@@ -75,8 +75,8 @@ class OperatorConfig:
     backoff_limit_per_index: bool = True
     """Sharded stages' Jobs retry each shard on its own (`backoffLimitPerIndex`, on by default
     from Kubernetes 1.29, GA in 1.33). Set false on clusters older than 1.29 or with the
-    JobBackoffLimitPerIndex feature gate off: a server without it drops the field (1.28) or
-    refuses it (1.27), and the Job would fall back to the default backoffLimit (6 retries shared
+    JobBackoffLimitPerIndex feature gate off: a server without it drops the field (1.27 does not
+    know it; strict validation refuses it), and the Job would fall back to the default backoffLimit (6 retries shared
     by all shards, not the run's `resources.backoffLimit`). With false a sharded Job uses
     backoffLimit, and the operator's next attempt reruns only the unfinished shards."""
 
