@@ -129,7 +129,7 @@ def main() -> int:
                for line in questions.read_text().splitlines()]
     token_prompts = [TokensPrompt(prompt_token_ids=encode_prompt(engine.tokenizer, p)) for p in prompts]
     bare_params = [SamplingParams(n=args.paths, temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens,
-                                  seed=prompt_seed(7 + 1, i), stop=list(STOP_SEQUENCES)) for i in range(len(prompts))]
+                                  seed=prompt_seed(7 + 1, f"t{i}"), stop=list(STOP_SEQUENCES)) for i in range(len(prompts))]  # keyed by id, as the stage
     print(f"prompt length: mean {statistics.mean(len(p['prompt_token_ids']) for p in token_prompts):.0f} tokens",
           flush=True)
 
