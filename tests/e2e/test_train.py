@@ -254,6 +254,74 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(train_model_dir, tmp_path
     assert summary["metrics"]["trainLoss"] == pytest.approx(reference.metrics["trainLoss"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_a_step_boundary_and_the_retry_resumes_from_that_step(train_model_dir, tmp_path):
+    """SIGTERM (an eviction) mid-epoch: the stage finishes the optimizer step it is in, writes a
+    step checkpoint and exits 143; the re-run skips the steps done and ends where an
+    uninterrupted run does (same batches, learning rates, losses, adapter)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from model_fixtures import REPO
+    from safetensors.torch import load_file
+    from selfimprove_workers.constants import EXIT_TERMINATED
+
+    pairs = [(a, b) for a in (1, 4, 7, 12) for b in (2, 5, 9)]
+    data = write_jsonl(tmp_path / "kept.jsonl", addition_rows(pairs))
+    settings = dict(epochs=2, lora={"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]})
+    run_task(train_task(tmp_path / "a", train_model_dir, [data], **settings))
+    ref_history = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
+    assert len(ref_history) == 12  # 6 steps per epoch
+
+    out = tmp_path / "b"
+    task = train_task(out, train_model_dir, [data], **settings)
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps(task.wire()))
+    env = {**os.environ, "TERMINATION_LOG": str(tmp_path / "term.log"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "selfimprove_workers", str(task_file)], env=env, cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # wait on the progress line of step 1 (epoch 1), then stop it
+        lines.append(line)
+        if "step 1/12" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines.extend(proc.stderr)
+    rc = proc.wait(timeout=300)
+    err = "".join(lines)
+    assert rc == EXIT_TERMINATED, err
+    assert not (out / "_SUCCESS").exists()
+    summary = json.loads((tmp_path / "term.log").read_text())
+    assert summary["reason"] == "Terminated" and "stopped on SIGTERM after step" in summary["message"]
+    latest = checkpoint.find_latest(checkpoint_storage(out), str(out), task.digest())
+    assert latest is not None and latest.epoch == 0 and latest.step is not None
+    stopped = latest.step
+    assert 1 <= stopped < 12, err  # the step boundary after the signal: never the end of the run
+    state = json.loads((out / checkpoint.CHECKPOINTS_DIR / f"epoch-0-step-{stopped}" / "state.json").read_text())
+    assert state["step"] == state["epochStep"] == stopped and len(state["partial"]["records"]) == stopped
+
+    rc, summary, err = run_worker(task.wire(), tmp_path)
+    assert rc == 0, err
+    assert f"resuming after epoch 0 (step {stopped})" in err
+    assert summary is not None and summary["metrics"]["resumedFromStep"] == stopped
+    assert summary["metrics"]["steps"] == 12
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, 13))
+    assert [h["batch"] for h in history] == [h["batch"] for h in ref_history]
+    assert [h["lr"] for h in history] == pytest.approx([h["lr"] for h in ref_history])
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in ref_history], rel=1e-4)
+    got = load_file(out / "adapter" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.allclose(got[k].numpy(), want[k].numpy(), rtol=1e-4, atol=1e-6), k
+    # Only the newest checkpoint is kept: the step checkpoint is gone once epochs complete.
+    assert not (out / checkpoint.CHECKPOINTS_DIR / f"epoch-0-step-{stopped}" / checkpoint.COMPLETE_MARKER).exists()
+
+
 def checkpoint_storage(out: Path):
     from selfimprove_workers.storage import storage_for
 

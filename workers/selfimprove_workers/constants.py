@@ -16,6 +16,12 @@ EXIT_OK = 0
 EXIT_TRANSIENT = 1
 EXIT_BAD_INPUT = 2
 EXIT_KILLED = 137  # 128 + SIGKILL: what an OOM kill or a forced stop looks like
+# 128 + SIGTERM: a stage asked to stop (eviction, preemption, a drain) that saved its progress
+# first. It is the code a process dying of an unhandled SIGTERM reports, so every observer already
+# reads it as an interruption: transient, retried, never permanent; on Kubernetes the evicted
+# pod's DisruptionTarget condition also keeps it out of the Job's backoffLimit.
+EXIT_TERMINATED = 143
+TERMINATED_REASON = "Terminated"
 
 # ---------------------------------------------------------------------------- files
 RESULT_FILE = "result.json"

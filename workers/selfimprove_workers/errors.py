@@ -47,3 +47,8 @@ class CorruptObjectError(StorageError):
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
+
+
+class Terminated(SelfImproveError):
+    """The stage was asked to stop (SIGTERM) and stopped at a safe point, its progress saved:
+    exit code 143 (`constants.EXIT_TERMINATED`), retried like any interruption."""

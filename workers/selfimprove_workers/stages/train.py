@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from ..contract import OutputName
-from ..errors import BadInput
+from ..errors import BadInput, Terminated
 from ..runtime import StageContext, StageOutcome
 from ..training import checkpoint, events
 from ..training.data import encode_examples, load_exemplars, load_training_rows, resolve_formats
@@ -89,7 +91,8 @@ def run(ctx: StageContext) -> StageOutcome:
     resume_dir = None
     latest = checkpoint.find_latest(ctx.storage, task.output, task.digest())
     if latest is not None:
-        ctx.log.info(f"found the checkpoint of epoch {latest.epoch}: resuming from it")
+        at = f"epoch {latest.epoch}" if latest.step is None else f"step {latest.step}"
+        ctx.log.info(f"found the checkpoint of {at}: resuming from it")
         resume_dir = str(checkpoint.download(ctx.storage, latest, ctx.workdir / "resume"))
 
     from ..training.loop import TrainJob  # torch: only once the inputs are known to be good
@@ -150,12 +153,23 @@ def _launch(job: Any, examples: Any, processes: int, ctx: StageContext) -> dict[
         "-m", WORKER_MODULE, str(job_dir),
     ]
     ctx.log.info(f"launching {processes} training processes: {' '.join(cmd[2:])}")
-    rc = subprocess.run(cmd, check=False).returncode
+    # In a pod only PID 1 (this process) gets the kubelet's SIGTERM: hand it to torchrun, whose
+    # agent forwards it to every training process; they stop together at a step boundary.
+    proc = subprocess.Popen(cmd)
+    forward = threading.current_thread() is threading.main_thread()  # handlers: main thread only
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)) if forward else None
+    try:
+        rc = proc.wait()
+    finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
     errors = sorted(job_dir.glob("error-*.json"))
     if errors:
         err = json.loads(errors[0].read_text())
         if err.get("reason") == "BadInput":
             raise BadInput(err["message"])
+        if err.get("reason") == "Terminated":
+            raise Terminated(err["message"])
         raise RuntimeError(f"training process failed: {err['message']}")
     if rc != 0:
         raise RuntimeError(f"training processes exited with code {rc}")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .. import log
-from ..errors import BadInput
+from ..errors import BadInput, Terminated
 from ..redaction import redact
 
 logger = logging.getLogger("selfimprove.train")
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BadInput as exc:
         reason, message, code = "BadInput", str(exc), 2
+    except Terminated as exc:
+        reason, message, code = "Terminated", str(exc), 143
     except Exception as exc:  # noqa: BLE001 — process boundary; the stage decides what it means
         logger.exception("training process failed")
         reason, message, code = "Error", f"{type(exc).__name__}: {exc}", 1

@@ -13,7 +13,12 @@ Why a hand-written loop rather than `transformers.Trainer`:
   short answers;
 - batches come from a plan that is a pure function of (seed, epoch) (`data.plan_epoch`), so a
   run resumed from an epoch checkpoint continues the exact data order;
-- checkpoints go to object storage with a completion marker (`checkpoint`), not to local disk.
+- checkpoints go to object storage with a completion marker (`checkpoint`), not to local disk;
+- a SIGTERM (what Kubernetes sends before an eviction or preemption, `terminationGracePeriodSeconds`
+  ahead of the SIGKILL) is noted, not obeyed at once: at the next optimizer-step boundary every
+  process agrees on it (a stop flag summed across processes each step, so all ranks stop after the
+  same step even when the signal reached them at different times), a step checkpoint is written
+  and the stage exits 143 (`Terminated`); the retry resumes from that step, not the epoch's start.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +44,7 @@ from torch import nn
 from .. import log as slog
 from ..constants import EXIT_KILLED, LORA_ATTENTION_MODULES
 from ..contract import StageTask
-from ..errors import BadInput
+from ..errors import BadInput, Terminated
 from ..spec import LoraSpec
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, EncodedExamples, batch_digest, plan_epoch
@@ -221,6 +228,7 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     storage = storage_for(task.output, endpoint=task.storage.endpoint, region=task.storage.region)
     digest = task.digest()
+    stop = _SigtermFlag()
 
     state: dict[str, Any] = {}
     if job.resume_dir:
@@ -260,17 +268,25 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=True))
         if main:
-            log.info(f"resuming after epoch {state['epoch']} (step {state['step']}) from the checkpoint")
+            log.info(f"resuming after epoch {state['epoch']} (step {state['step']}) from the checkpoint"
+                     + (f", {state['epochStep']} steps into epoch {state['epoch'] + 1}" if state.get("epochStep") else ""))
     else:
         torch.manual_seed(spec.seed + rank)  # a different dropout stream per process
 
     start_epoch = int(state.get("epoch", 0))
     step = int(state.get("step", 0))
+    state_step0 = step
     history: list[dict[str, Any]] = list(state.get("history", []))
     epochs_log: list[dict[str, Any]] = list(state.get("epochs", []))
     train_seconds = float(state.get("trainSeconds", 0.0))
     tokens_seen = int(state.get("tokens", 0))
-    last_ckpt = ckpt.Checkpoint(start_epoch, ckpt.checkpoint_uri(task.output, start_epoch)) if resume else None
+    # Resuming from a step checkpoint: the unfinished epoch's first steps are done, and their
+    # records (loss, grad norm, …) are carried into that epoch's history.
+    resumed_step = state.get("epochStep")
+    skip_steps = int(resumed_step or 0)
+    carried: dict[str, Any] = dict(state.get("partial") or {"records": [], "tokens": 0, "seconds": 0.0})
+    last_ckpt = (ckpt.Checkpoint(start_epoch, ckpt.checkpoint_uri(task.output, start_epoch, step if resumed_step else None),
+                                 step if resumed_step else None) if resume else None)
     pad_multiple = 8 if cuda else 1  # tensor-core friendly widths
     log_every = max(1, total_steps // 20)
     lengths, answer_lengths = examples.lengths, examples.answer_lengths
@@ -289,7 +305,9 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
         records: list[dict[str, Any]] = []
         epoch_tokens = 0
         step_start = t0
-        for first in range(0, len(batches), accum):
+        if epoch != start_epoch:
+            skip_steps, carried = 0, {"records": [], "tokens": 0, "seconds": 0.0}
+        for first in range(skip_steps * accum, len(batches), accum):
             group = batches[first:first + accum]
             answer_tokens = int(sum(int(answer_lengths[b].sum()) for b in group))
             step_tokens = int(sum(int(lengths[b].sum()) for b in group))
@@ -329,13 +347,31 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
                 if main:
                     slog.progress(log, step, total_steps, "steps",
                                   f"step {step}/{total_steps} epoch {epoch + 1} loss {shown:.4f} lr {lr:.2e}")
+            if stop.agreed(acc, world) and step < total_steps:
+                done = skip_steps + len(records)
+                part_losses = acc.reduce(torch.stack(losses), reduction="sum").cpu().tolist()
+                part_norms = torch.stack(norms).cpu().tolist()
+                for rec, loss, norm in zip(records, part_losses, part_norms):
+                    rec["loss"], rec["gradNorm"] = loss, norm
+                partial = {"records": carried["records"] + records, "tokens": carried["tokens"] + epoch_tokens,
+                           "seconds": carried["seconds"] + time.perf_counter() - t0}
+                state = {"task": digest, "epoch": epoch, "step": step, "epochStep": done, "dataSeed": spec.seed,
+                         "worldSize": world, "history": history, "epochs": epochs_log,
+                         "trainSeconds": train_seconds, "tokens": tokens_seen, "partial": partial}
+                _checkpoint(acc, wrapped, optimizer, scheduler, state, Path(job.work_dir),
+                            storage, task.output, digest, last_ckpt, step=step)
+                raise Terminated(f"stopped on SIGTERM after step {step}/{total_steps} (epoch {epoch + 1}, "
+                                 f"{done} of {steps_per_epoch} steps): the checkpoint of step {step} is saved")
         # One synchronization per epoch for the per-step numbers, not one per step.
-        step_losses = acc.reduce(torch.stack(losses), reduction="sum").cpu().tolist()
-        step_norms = torch.stack(norms).cpu().tolist()
-        seconds = time.perf_counter() - t0
+        step_losses = acc.reduce(torch.stack(losses), reduction="sum").cpu().tolist() if losses else []
+        step_norms = torch.stack(norms).cpu().tolist() if norms else []
+        seconds = time.perf_counter() - t0 + carried["seconds"]
         for rec, loss, norm in zip(records, step_losses, step_norms):
             rec["loss"] = loss
             rec["gradNorm"] = norm
+        records = carried["records"] + records
+        step_losses = [r["loss"] for r in records]
+        epoch_tokens += carried["tokens"]
         history.extend(records)
         train_seconds += seconds
         tokens_seen += epoch_tokens
@@ -372,6 +408,8 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
     }
     if start_epoch:
         metrics["resumedFromEpoch"] = start_epoch
+    if resumed_step:
+        metrics["resumedFromStep"] = int(state_step0)
     details = {
         "data": examples.stats,
         "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
@@ -394,11 +432,34 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
     return outcome
 
 
+class _SigtermFlag:
+    """Notes a SIGTERM instead of dying of it; the loop stops at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        # Signal handlers can only be set from the main thread (an embedded run is left alone).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            log.warning("SIGTERM: stopping after this optimizer step, with a checkpoint")
+        self.requested = True
+
+    def agreed(self, acc: Any, world: int) -> bool:
+        """Whether any process was asked to stop: a collective on every process at every step,
+        so all of them stop after the same step and the checkpoint is consistent."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor(1.0 if self.requested else 0.0, device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
+
 def _checkpoint(acc, wrapped, optimizer, scheduler, state, work_dir: Path, storage, output: str,
-                digest: str, previous: ckpt.Checkpoint | None) -> ckpt.Checkpoint:
-    """Write the epoch checkpoint to storage (marker last), then drop the previous one."""
+                digest: str, previous: ckpt.Checkpoint | None, step: int | None = None) -> ckpt.Checkpoint:
+    """Write the checkpoint to storage (marker last), then drop the previous one."""
     epoch = state["epoch"]
-    local = work_dir / f"checkpoint-{epoch}"
+    local = work_dir / f"checkpoint-{ckpt.checkpoint_name(epoch, step)}"
     local.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), local / f"rng-{acc.process_index}.pt")  # every process its own
     if acc.is_main_process:
@@ -407,13 +468,14 @@ def _checkpoint(acc, wrapped, optimizer, scheduler, state, work_dir: Path, stora
         torch.save(scheduler.state_dict(), local / "scheduler.pt")
         (local / ckpt.STATE_FILE).write_text(json.dumps(state))
     acc.wait_for_everyone()
-    written = ckpt.Checkpoint(epoch, ckpt.checkpoint_uri(output, epoch))
+    written = ckpt.Checkpoint(epoch, ckpt.checkpoint_uri(output, epoch, step), step)
     if acc.is_main_process:
         t0 = time.perf_counter()
-        written = ckpt.upload(storage, local, output, epoch, digest)
-        if previous is not None and previous.epoch != epoch:
+        written = ckpt.upload(storage, local, output, epoch, digest, step)
+        if previous is not None and previous.uri != written.uri:
             ckpt.delete(storage, previous)
         shutil.rmtree(local, ignore_errors=True)
-        log.info(f"checkpoint of epoch {epoch} written to {written.uri} in {time.perf_counter() - t0:.1f}s")
+        what = f"epoch {epoch}" if step is None else f"step {step}"
+        log.info(f"checkpoint of {what} written to {written.uri} in {time.perf_counter() - t0:.1f}s")
     acc.wait_for_everyone()
     return written
