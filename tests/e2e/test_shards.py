@@ -1,6 +1,6 @@
 """A sharded stage's merged output is byte for byte the unsharded stage's (same seed), through
 the real stage code on the tiny model: `sample` on vLLM (seeds keyed by question id) and
-`evaluate` (greedy). Shards run one after the other here (2 cores); the second one to commit
+`evaluate` (greedy) on the transformers engine, whose model loads in a second. Shards run one after the other here (2 cores); the second one to commit
 sees both markers and merges."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_two_shards_sample_and_evaluate_exactly_what_one_does(tiny_model_dir, tm
 
     def evaluate(out: str, shards: int) -> dict:
         return {"run": {"name": "s"}, "round": 0, "stage": "evaluate", "output": str(tmp_path / out),
-                "model": {"base": str(tiny_model_dir)}, "engine": {"kind": "vllm"}, "shards": shards,
+                "model": {"base": str(tiny_model_dir)}, "engine": {"kind": "transformers"}, "shards": shards,
                 "inputs": {"evaluation": labeled, "validation": labeled}, "evaluation": {"maxTokens": 8}}
 
     one = _run(evaluate("eone", 1), tmp_path, monkeypatch)
