@@ -384,6 +384,58 @@ def test_data_parallel_processes_train_like_one_process_with_the_global_batch(tr
     assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_two_nodes_rendezvous_over_c10d_and_train_like_one_process(train_model_dir, tmp_path):
+    """Two torchrun launches on 127.0.0.1, as two pods of an Indexed Job run them (c10d
+    rendezvous hosted by node 0, gloo, one process each, batch 2) take the same steps with the
+    same losses as one process with batch 4; only global rank 0 writes the outputs."""
+    import socket
+    import subprocess
+
+    from model_fixtures import REPO
+    from selfimprove_workers.stages.train import torchrun_command
+    from selfimprove_workers.training.data import encode_examples
+    from selfimprove_workers.training.loop import TrainJob
+    from transformers import AutoTokenizer
+
+    pairs = [(a, b) for a in (1, 4, 7) for b in (2, 5, 9)]
+    data = write_jsonl(tmp_path / "kept.jsonl", addition_rows(pairs))
+    task = train_task(tmp_path / "two", train_model_dir, [data], batchSize=2, epochs=1)
+    ref_task = train_task(tmp_path / "one", train_model_dir, [data], batchSize=4, epochs=1)
+    tok = AutoTokenizer.from_pretrained(str(train_model_dir))
+    rows = [TrainingRow(str(i), f"What is {a} plus {b}?", f"{a} + {b} = {a + b}.", str(a + b))
+            for i, (a, b) in enumerate(pairs)]
+    assert task.training is not None
+    examples = encode_examples(rows, resolve_formats(task.training.formats, False), task.prompting, tok,
+                               task.training.max_length, [])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1, None):  # two nodes, then the reference: one process, batch 4
+        job_dir = tmp_path / f"node-{rank}"
+        job_dir.mkdir()
+        TrainJob(task=(task if rank is not None else ref_task).wire(), model_dir=str(train_model_dir), init_adapter=None, resume_dir=None,
+                 out_dir=str(job_dir / "out"), work_dir=str(job_dir / "scratch"), pad_id=int(tok.pad_token_id)
+                 ).save(job_dir / "job.json")
+        examples.save(job_dir / "examples.npz")
+        if rank is None:
+            errs = [p.communicate(timeout=300)[1] for p in procs]
+            assert [p.returncode for p in procs] == [0, 0], errs
+            ref = subprocess.run(torchrun_command(job_dir, 1), cwd=REPO, capture_output=True, text=True, timeout=300)
+            assert ref.returncode == 0, ref.stderr
+        else:
+            cmd = torchrun_command(job_dir, 1, nodes=2, node_rank=rank, endpoint=f"127.0.0.1:{port}",
+                                   rdzv_id="train-x")
+            procs.append(subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True))
+    one = json.loads((tmp_path / "node-None" / "out" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "node-0" / "out" / "metrics.json").read_text())
+    assert not (tmp_path / "node-1" / "out" / "metrics.json").exists()  # not global rank 0
+    assert two["worldSize"] == 2 and one["worldSize"] == 1 and two["steps"] == one["steps"] == 5
+    assert [h["batch"] for h in two["history"]] == [h["batch"] for h in one["history"]]
+    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-4)
+
+
 # --------------------------------------------------------------------------- serving the adapter
 @pytest.mark.slow
 @pytest.mark.vllm

@@ -138,6 +138,24 @@ def _processes(gpus: int, ctx: StageContext) -> int:
     return max(1, min(gpus, visible))
 
 
+def torchrun_command(job_dir: Path, processes: int, nodes: int = 1, node_rank: int = 0,
+                     endpoint: str | None = None, rdzv_id: str | None = None) -> list[str]:
+    """The torchrun command line of one node. One node: `--standalone` (a local store). Several
+    (the pods of an Indexed Job): c10d rendezvous at `endpoint` (index 0's host, which hosts the
+    store), `--node_rank` the pod's completion index so that global rank 0 — the process that
+    writes the outputs — is on index 0, and `rdzv_id` the Job's name so that a retried Job never
+    joins its predecessor's rendezvous."""
+    if nodes <= 1:
+        launch = ["--standalone"]
+    else:
+        if not endpoint or not rdzv_id:
+            raise ValueError("several nodes need a rendezvous endpoint and id")
+        launch = ["--nnodes", str(nodes), "--node_rank", str(node_rank), "--rdzv_backend", "c10d",
+                  "--rdzv_endpoint", endpoint, "--rdzv_id", rdzv_id]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc_per_node", str(processes),
+            "-m", WORKER_MODULE, str(job_dir)]
+
+
 def _launch(job: Any, examples: Any, processes: int, ctx: StageContext) -> dict[str, Any]:
     """Run `train_worker` in `processes` data-parallel processes; return the main one's outcome."""
     job_dir = ctx.workdir / "job"
@@ -147,11 +165,7 @@ def _launch(job: Any, examples: Any, processes: int, ctx: StageContext) -> dict[
     # torchrun is what `accelerate launch --multi_gpu` runs underneath; calling it directly works
     # the same on CPU (gloo), where accelerate would want MPI. `Accelerator` in each process
     # reads the rank and world size torchrun sets, and the precision comes from the code.
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(processes),
-        "-m", WORKER_MODULE, str(job_dir),
-    ]
+    cmd = torchrun_command(job_dir, processes)
     ctx.log.info(f"launching {processes} training processes: {' '.join(cmd[2:])}")
     # In a pod only PID 1 (this process) gets the kubelet's SIGTERM: hand it to torchrun, whose
     # agent forwards it to every training process; they stop together at a step boundary.
