@@ -49,7 +49,10 @@ def task_bytes(examples: int, question: int, rationale: int) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--status", type=Path, help="a finished run's status.json (local runner)")
+    ap.add_argument("--smoke", action="store_true", help="the same (it takes a second): checks that the bench runs")
     args = ap.parse_args()
+    if args.smoke:
+        print("smoke run: the task sizes are real; no status given")
 
     print("stage task (the Job's argument), largest of sample/filter/train/evaluate:")
     print(f"{'fewShot':>8} {'question B':>10} {'rationale B':>11} {'task bytes':>11} {'÷128 KiB arg':>13} {'÷1 MiB object':>14}")

@@ -79,7 +79,11 @@ def main() -> int:
     ap.add_argument("--questions", type=int, nargs="+", default=[200, 2000, 20000])
     ap.add_argument("--paths", type=int, default=16)
     ap.add_argument("--text-bytes", type=int, default=400)
+    ap.add_argument("--smoke", action="store_true", help="20 and 200 questions: checks that the bench runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.questions = [20, 200]
+        print("smoke run: toy sizes, to check that the bench runs; the figures mean nothing")
     baseline, _, _ = peak_rss_of([sys.executable, "-c", "import selfimprove_workers.runtime, selfimprove_workers.stages.filter"],
                                  dict(os.environ))
     print(f"filter stage, consistency filter, {args.paths} paths × ~{args.text_bytes} B per question; "

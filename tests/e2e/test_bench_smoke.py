@@ -33,6 +33,8 @@ BENCHES = {
     "bench_train.py": (None, ["stage loop:", "ratio stage / Trainer:", "smoke run"], 300),
     "bench_selection.py": (None, ["LTD diversity selection", "old k_center_greedy (float64, no clusters)",
                                "smoke run"], 300),
+    "bench_limits.py": (None, ["stage task (the Job's argument)", "÷128 KiB arg", "smoke run"], 120),
+    "bench_memory.py": (None, ["peak RSS MiB", "the stage's own memory", "smoke run"], 120),
 }
 MARKS = {"vllm": [pytest.mark.vllm], "kmock": [pytest.mark.k8s], None: []}
 
