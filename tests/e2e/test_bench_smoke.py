@@ -35,6 +35,8 @@ BENCHES = {
                                "smoke run"], 300),
     "bench_limits.py": (None, ["stage task (the Job's argument)", "÷128 KiB arg", "smoke run"], 120),
     "bench_memory.py": (None, ["peak RSS MiB", "the stage's own memory", "smoke run"], 120),
+    "bench_shards.py": ("vllm", ["1 shard", "merged samples.jsonl == 1-shard samples.jsonl: yes", "N GPUs estimate",
+                                 "smoke run"], 300),
 }
 MARKS = {"vllm": [pytest.mark.vllm], "kmock": [pytest.mark.k8s], None: []}
 
