@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
+from selfimprove_workers.endpoints import Endpoint
 from selfimprove_workers.exemplars import ExemplarsSpec
 from selfimprove_workers.model_refs import ModelRef
 from selfimprove_workers.spec import (
@@ -58,6 +59,24 @@ CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Succeeded", "Failed", "S
 
 
 # =========================================================================== spec
+class SecretKeySelector(WireModel):
+    name: str = Field(..., min_length=1, max_length=253, description="A Secret in the run's namespace.")
+    key: str = Field(..., min_length=1, max_length=253, description="The Secret's key holding the API key.")
+
+
+class EndpointSpec(Endpoint):
+    """A served model (endpoints.py); the stage gets its key as an environment variable."""
+
+    api_key_secret: SecretKeySelector | None = Field(
+        None, description="Where the API key is: the Job sets the stage's SELFIMPROVE_TEACHER_API_KEY or "
+        "SELFIMPROVE_JUDGE_API_KEY from this Secret key (the operator never reads it, the task never carries "
+        "it); a local run reads that variable from its environment. Unset: requests carry no key.")
+
+    def task_form(self) -> Endpoint:
+        """What the stage task carries: everything but where the key is."""
+        return Endpoint.model_validate(self.model_dump(exclude={"api_key_secret"}))
+
+
 class ModelSpec(WireModel):
     base: ModelRef = Field(
         ...,
@@ -68,6 +87,15 @@ class ModelSpec(WireModel):
     teacher: ModelRef | None = Field(
         None, description="Teacher model: LLM2LLM's augmentation and the judge (defaults to base); "
         "with strategy lmsi-teacher it samples and votes, and `base` is the student it teaches."
+    )
+    teacher_endpoint: EndpointSpec | None = Field(
+        None, description="The teacher as a served model (vllm serve, a hosted OpenAI-compatible API) instead of "
+        "weights loaded in the stage pod: LLM2LLM's augmentation and, by default, the judge ask it. Set this or "
+        "`teacher`. Not for strategy lmsi-teacher, whose teacher samples in the sample stage."
+    )
+    judge_endpoint: EndpointSpec | None = Field(
+        None, description="The judge filter's model as a served model; a judge filter without `model` uses it "
+        "(else the teacher, else base). Set this or filters[].judge.model."
     )
 
 

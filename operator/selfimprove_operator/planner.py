@@ -216,7 +216,10 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         output=stage_prefix(prefix, round_no, stage),
         storage=StorageRef(endpoint=spec.storage.endpoint, region=spec.storage.region),
         model=ModelRef(base=spec.model.base, adapter=adapter, teacher=spec.model.teacher,
-                       judge=next((m for f in spec.filters or [] if (m := getattr(f.get("judge"), "model", None))), None)),
+                       judge=next((m for f in spec.filters or [] if (m := getattr(f.get("judge"), "model", None))), None),
+                       # Served models without where their keys are (the Job's environment has them).
+                       teacher_endpoint=spec.model.teacher_endpoint.task_form() if spec.model.teacher_endpoint else None,
+                       judge_endpoint=spec.model.judge_endpoint.task_form() if spec.model.judge_endpoint else None),
         engine=spec.engine,
         gpus=spec.resources.for_stage(stage).gpus or 0,
         shards=shards_of(spec, stage),

@@ -123,7 +123,7 @@ def test_registering_imports_nothing_heavy():
 
     code = ("import sys; import selfimprove_workers.stage_registry, selfimprove_workers.filter_registry, "
             "selfimprove_workers.spec, selfimprove_operator.strategies, selfimprove_operator.api; "
-            "heavy = [m for m in ('torch', 'transformers', 'vllm', 'peft', 'numpy') if m in sys.modules]; "
+            "heavy = [m for m in ('torch', 'transformers', 'vllm', 'peft', 'numpy', 'openai') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -132,7 +132,12 @@ def test_registering_imports_nothing_heavy():
 # =========================================================================== one rule, two checkers
 _DATA_FIELDS = ("questions", "seed", "validation")
 _FILTER_SETS = [None, [], [{"consistency": {}}], [{"distributionShift": {}}],
-                [{"consistency": {}}, {"distributionShift": {"keep": 0.5}}], [{"entropy": {}}]]
+                [{"consistency": {}}, {"distributionShift": {"keep": 0.5}}], [{"entropy": {}}],
+                [{"judge": {}}], [{"consistency": {}}, {"judge": {"model": "s3://j/"}}]]
+_ENDPOINT = {"url": "http://teacher:8000/v1", "model": "t"}
+# model.teacher and the served forms (endpoints.py): every combination of the three.
+_MODEL_EXTRAS = [{}, {"teacher": "s3://t/"}, {"teacherEndpoint": _ENDPOINT}, {"judgeEndpoint": _ENDPOINT},
+                 {"teacher": "s3://t/", "teacherEndpoint": _ENDPOINT}, {"teacherEndpoint": _ENDPOINT, "judgeEndpoint": _ENDPOINT}]
 
 
 @st.composite
@@ -141,8 +146,8 @@ def specs(draw) -> dict[str, Any]:
     for name in _DATA_FIELDS:
         if draw(st.booleans()):
             data[name] = f"s3://d/{name}.jsonl"
-    spec = {"strategy": draw(st.sampled_from(list(STRATEGIES))), "model": {"base": "s3://m/"}, "data": data,
-            "storage": {"uri": "s3://b/runs"}}
+    spec = {"strategy": draw(st.sampled_from(list(STRATEGIES))), "model": {"base": "s3://m/", **draw(st.sampled_from(_MODEL_EXTRAS))},
+            "data": data, "storage": {"uri": "s3://b/runs"}}
     filters = draw(st.sampled_from(_FILTER_SETS))
     if filters is not None:
         spec["filters"] = filters

@@ -71,6 +71,14 @@ IMAGE_ERROR_REASONS = frozenset({
 PERMANENT_REASONS = frozenset({BAD_INPUT_REASON, INPUT_CHANGED_REASON, "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                                "CreateContainerConfigError"})
 
+# ---------------------------------------------------------------------------- served models
+# The API keys of `model.teacherEndpoint` / `model.judgeEndpoint` (endpoints.py): the Job fills
+# them from the Secret the spec names (k8s/jobs.py), the client reads them, the redactor masks them.
+TEACHER_API_KEY_ENV = "SELFIMPROVE_TEACHER_API_KEY"
+JUDGE_API_KEY_ENV = "SELFIMPROVE_JUDGE_API_KEY"
+# A served model that failed after its retries (endpoint_client.py): transient, the stage is retried.
+ENDPOINT_ERROR_REASON = "EndpointError"
+
 # ---------------------------------------------------------------------------- training
 # LoRA on the attention projections: the modules every Llama / Qwen / Mistral-style model names
 # alike, and what LMSI and LLM2LLM adapt.

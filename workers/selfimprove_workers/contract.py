@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .constants import API_VERSION, RESULT_FILE, SUMMARY_LIMIT, OutputName, now_rfc3339
+from .endpoints import Endpoint
 from .exemplars import ExemplarsSpec
 from .spec import (
     AugmentSpec,
@@ -60,6 +61,12 @@ class ModelRef(WireModel):
     )
     teacher: str | None = Field(None, description="Teacher model for augmentation (defaults to base).")
     judge: str | None = Field(None, description="Judge model for the judge filter (defaults to teacher).")
+    teacher_endpoint: Endpoint | None = Field(
+        None, description="The teacher served over HTTP (OpenAI API) instead of `teacher` weights; its API key, "
+        "if any, is the environment variable SELFIMPROVE_TEACHER_API_KEY, never part of the task.")
+    judge_endpoint: Endpoint | None = Field(
+        None, description="The judge served over HTTP (OpenAI API); its API key, if any, is the environment "
+        "variable SELFIMPROVE_JUDGE_API_KEY. A judge filter without a `model` uses it before the teacher.")
 
 
 class StageInputs(WireModel):

@@ -49,6 +49,16 @@ class CorruptObjectError(StorageError):
         self.reason = reason
 
 
+class EndpointError(SelfImproveError):
+    """A served teacher or judge (`model.teacherEndpoint`, `model.judgeEndpoint`) still failed
+    after its retries — overloaded, down or too slow: transient (exit 1), reason EndpointError.
+    Not a StorageError (that sends the user to the storage credentials) nor a bare Error (the
+    message is already the whole story: the field, the URL, the last status). An answer no retry
+    can change (401, 404, 400) is a BadInput instead."""
+
+    reason = "EndpointError"  # constants.ENDPOINT_ERROR_REASON
+
+
 class Terminated(SelfImproveError):
     """The stage was asked to stop (SIGTERM) and stopped at a safe point, its progress saved:
     exit code 143 (`constants.EXIT_TERMINATED`), retried like any interruption."""

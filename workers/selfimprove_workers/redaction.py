@@ -57,9 +57,11 @@ __all__ = [
     "secret_values",
 ]
 
-#: Environment variables whose values are credentials: S3's (boto3's standard chain) and the
-#: Hugging Face token that downloads gated or private hf:// models.
-CREDENTIAL_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN")
+#: Environment variables whose values are credentials: S3's (boto3's standard chain), the
+#: Hugging Face token that downloads gated or private hf:// models, and the API keys of a served
+#: teacher or judge (constants.TEACHER_API_KEY_ENV, JUDGE_API_KEY_ENV).
+CREDENTIAL_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN",
+                  "SELFIMPROVE_TEACHER_API_KEY", "SELFIMPROVE_JUDGE_API_KEY")
 #: Values shorter than this are not redacted by value (see the module docstring).
 MIN_SECRET_LENGTH = 8
 MASK = "***"

@@ -80,17 +80,18 @@ class NonEmpty(Cond):
 
 @dataclass(frozen=True)
 class AnyItemHas(Cond):
-    """Some item of a list field sets `key` (a filter of that kind is listed)."""
+    """Some item of a list field sets `key` (a filter of that kind is listed); a dotted key is a
+    path inside the item (`judge.model`: a judge filter that names its model)."""
 
     path: str
     key: str
 
     def holds(self, spec: dict[str, Any]) -> bool:
         value = _get(spec, self.path)
-        return isinstance(value, list) and any(isinstance(i, dict) and i.get(self.key) is not None for i in value)
+        return isinstance(value, list) and any(_get(i, self.key) is not _MISSING for i in value)
 
     def cel(self) -> str:
-        return f"({_has_chain(self.path)} && self.{self.path}.exists(i, has(i.{self.key})))"
+        return f"({_has_chain(self.path)} && self.{self.path}.exists(i, {_has_chain(self.key, root='i')}))"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from selfimprove_workers.constants import EXIT_BAD_INPUT
+from selfimprove_workers.constants import EXIT_BAD_INPUT, JUDGE_API_KEY_ENV, TEACHER_API_KEY_ENV
 
 from ..api import API_VERSION, KIND, SelfImproveRunSpec
 from ..planner import StartStage
@@ -98,6 +98,14 @@ def build_job(run: Mapping[str, Any], spec: SelfImproveRunSpec, start: StartStag
                 "name": key,
                 "valueFrom": {"secretKeyRef": {"name": spec.storage.secret_ref, "key": key, "optional": optional}},
             })
+    # A served teacher's or judge's API key, from the Secret the spec names; not optional, so a
+    # missing key stops the run at its first Job (CreateContainerConfigError), not hours later.
+    for endpoint, key_env in ((spec.model.teacher_endpoint, TEACHER_API_KEY_ENV),
+                              (spec.model.judge_endpoint, JUDGE_API_KEY_ENV)):
+        if endpoint is not None and endpoint.api_key_secret is not None:
+            ref = endpoint.api_key_secret
+            env.append({"name": key_env,
+                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key, "optional": False}}})
 
     mounts: list[dict[str, Any]] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
     shm: dict[str, Any] = {"medium": "Memory"}

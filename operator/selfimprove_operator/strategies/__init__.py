@@ -76,10 +76,11 @@ def strategy_names() -> tuple[str, ...]:
 
 
 def spec_rules() -> tuple[Rule, ...]:
-    """Every strategy's rules and every filter's, in a stable order."""
+    """Every strategy's rules, every filter's and the served models' (endpoints.py), in a stable order."""
+    from selfimprove_workers.endpoints import ENDPOINT_RULES
     from selfimprove_workers.filter_registry import filter_rules
 
-    return tuple(r for s in _STRATEGIES.values() for r in s.spec_rules()) + filter_rules()
+    return tuple(r for s in _STRATEGIES.values() for r in s.spec_rules()) + filter_rules() + ENDPOINT_RULES
 
 
 # The built-in strategies, in the order of the CRD's enum (registration order, so imported by

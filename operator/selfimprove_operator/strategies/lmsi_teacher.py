@@ -12,7 +12,7 @@ uses the run's `task.fewShot` / `task.fewShotFile`, round r > 1 the exemplars of
 
 from selfimprove_workers.constants import OutputName
 from selfimprove_workers.contract import StageInputs, StageTask
-from selfimprove_workers.rules import Has, Rule
+from selfimprove_workers.rules import Has, Not, Rule
 
 from ..wiring import WiringContext
 from . import Strategy, register_strategy
@@ -53,6 +53,10 @@ LMSI_TEACHER = register_strategy(Strategy(
     rules=(
         Rule(require=Has("data.questions"), field="data.questions", message="is required for strategy lmsi-teacher"),
         Rule(require=Has("model.teacher"), field="model.teacher", message="is required for strategy lmsi-teacher"),
+        # Its teacher samples N paths per question in the sample stage's engine, with the
+        # prompt-level batching and prefix caching only local weights give.
+        Rule(require=Not(Has("model.teacherEndpoint")), field="model.teacherEndpoint",
+             message="is not supported by strategy lmsi-teacher (its teacher samples in the sample stage: give model.teacher)"),
     ),
     wiring={"sample": sample},
     tasks={"sample": teacher_samples, "exemplars": teacher_prompts},
