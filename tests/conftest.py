@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - a partial install without moto
     pass
 
 # Each fixture module skips (or fails in CI) on its own when what it needs is not installed.
-pytest_plugins = ["s3_fixtures", "model_fixtures", "train_fixtures", "k8s_fixtures", "bpe_fixtures"]
+pytest_plugins = ["s3_fixtures", "model_fixtures", "train_fixtures", "k8s_fixtures", "bpe_fixtures", "endpoint_fixtures"]
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from . import log
 from .constants import EXIT_BAD_INPUT, EXIT_OK, EXIT_TERMINATED, EXIT_TRANSIENT, MARKER_NAME, TERMINATED_REASON
 from .contract import RESULT_FILE, StageName, StageResult, StageTask, full_result, now_rfc3339
-from .errors import BadInput, CorruptObjectError, InputChanged, StorageError, Terminated
+from .errors import BadInput, CorruptObjectError, EndpointError, InputChanged, StorageError, Terminated
 from .model_refs import fetch_hf, is_hf_ref
 from .redaction import redact
 from .stage_registry import STAGES
@@ -320,6 +320,8 @@ def main(argv: list[str] | None = None, stage_fn: StageFn | None = None, merge_f
         code, reason, message = EXIT_BAD_INPUT, InputChanged.reason if isinstance(exc, InputChanged) else "BadInput", str(exc)
     except StorageError as exc:
         code, reason, message = EXIT_TRANSIENT, "StorageError", str(exc)
+    except EndpointError as exc:
+        code, reason, message = EXIT_TRANSIENT, EndpointError.reason, str(exc)
     except Terminated as exc:
         code, reason, message = EXIT_TERMINATED, TERMINATED_REASON, str(exc)
     except Exception as exc:  # noqa: BLE001 — the process boundary: everything else is transient

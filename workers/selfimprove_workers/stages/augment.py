@@ -7,7 +7,8 @@ examples the student got wrong.
    else just the gold answer.
 2. Ask the teacher (`model.teacher`, else the base model; never an adapter) for
    `augment.perExample` new examples per wrong one, with LLM2LLM's educational-assistant prompt
-   — all requests in one batched call.
+   — all requests in one batched call. With `model.teacherEndpoint` the same messages go to the
+   served model (`endpoint_client`, at most maxConcurrency at a time) and no weights load.
 3. Parse `Question: … Answer: … #### N` items (numbered or not); count and drop malformed ones
    (and a last item cut off by the token limit).
 4. Drop an item whose question has ROUGE-L F > `augment.rougeThreshold` against any existing
@@ -18,7 +19,8 @@ examples the student got wrong.
 
 Output `augmented.jsonl`: `{"id", "question", "answer": "<solution>\\n#### N", "source": <seed id>}`
 — GSM8K's labeled shape, so the train stage reads it like the seed. Metrics: wrong, requested,
-augmented, malformed, duplicates.
+augmented, malformed, duplicates; through an endpoint also teacherPromptTokens,
+teacherCompletionTokens, teacherHttpRequests, teacherRetries (result.json: `teacherEndpoint`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from typing import Any
 
 from ..answers import normalize_number
 from ..chat import Message, render_messages
+from ..constants import TEACHER_API_KEY_ENV
 from ..data import load_examples
+from ..endpoints import Endpoint
 from ..engines.base import GenerationParams
 from ..errors import DataError
 from ..runtime import StageContext, StageOutcome
@@ -334,8 +338,12 @@ def run(ctx: StageContext) -> StageOutcome:
     dedup = RougeDeduper(spec.rouge_threshold,
                          [*seed_questions, *existing, *(ex.question for ex in wrong)])
     stats: dict[str, int] = {"requests": 0, "malformed": 0, "duplicates": 0, "parsed": 0}
+    endpoint = task.model.teacher_endpoint
     teacher_uri = task.model.teacher or task.model.base
-    if wrong:
+    served: dict[str, Any] = {}
+    if wrong and endpoint is not None:
+        stats, served = _augment_through(ctx, endpoint, wrong, k, dedup)
+    elif wrong:
         from ..engines import load_engine
 
         engine = load_engine(task.engine, ctx.local_dir(teacher_uri), gpus=task.gpus, seed=task.round,
@@ -361,11 +369,34 @@ def run(ctx: StageContext) -> StageOutcome:
     short = sum(1 for ex in wrong if len(ex.accepted) < k)
     ctx.log.info(f"{len(rows)} new examples; {stats['malformed']} malformed, {stats['duplicates']} duplicates, "
                  f"{short} seed examples short of {k}")
+    teacher_name = (f"{endpoint.url} ({endpoint.model})" if endpoint is not None else teacher_uri) if wrong else None
     return StageOutcome(
         metrics={"wrong": len(wrong), "requested": len(wrong) * k, "augmented": len(rows),
-                 "malformed": stats["malformed"], "duplicates": stats["duplicates"]},
+                 "malformed": stats["malformed"], "duplicates": stats["duplicates"], **served.get("metrics", {})},
         outputs={"augmented": AUGMENTED},
-        details={"predictions": n_predictions, "teacher": teacher_uri if wrong else None,
+        details={"predictions": n_predictions, "teacher": teacher_name,
                  "teacherRequests": stats["requests"], "parsedItems": stats["parsed"],
-                 "shortExamples": short, "existingQuestions": len(existing) + len(seed_questions)},
+                 "shortExamples": short, "existingQuestions": len(existing) + len(seed_questions),
+                 **({"teacherEndpoint": served["details"]} if served else {})},
     )
+
+
+def _augment_through(ctx: StageContext, endpoint: Endpoint, wrong: list[WrongExample], k: int,
+                     dedup: RougeDeduper) -> tuple[dict[str, int], dict[str, Any]]:
+    """The teacher loop against `model.teacherEndpoint`: the same messages the local teacher's
+    chat template renders, the same per-attempt seeds; no weights load."""
+    from ..endpoint_client import EndpointClient
+
+    task = ctx.task
+    spec = task.augment
+    assert spec is not None
+    with EndpointClient(endpoint, field="model.teacherEndpoint", api_key_env=TEACHER_API_KEY_ENV) as client:
+        def teacher(requests: list[list[Message]], attempt: int) -> list[tuple[str, str | None]]:
+            ctx.log.info(f"teacher: {len(requests)} requests to {endpoint.url} (attempt {attempt + 1})")
+            replies = client.chat(requests, temperature=spec.temperature, max_tokens=spec.max_tokens,
+                                  seed=task.round * 1000 + attempt,
+                                  progress=lambda d, t: ctx.progress(d, t, "teacher requests"))
+            return [(r.text, r.finish_reason) for r in replies]
+
+        stats = augment_examples(wrong, k, spec.retries, dedup, teacher)
+    return stats, {"metrics": client.stats.metrics("teacher"), "details": client.stats.details(endpoint)}

@@ -14,6 +14,8 @@ one kept:
                        deterministically; reports how many weights sit at the clip bounds.
     judge              AlpaGasus: an LLM judge rates each (question, reasoning) 0-5; keeps
                        ≥ minScore. A reply without a readable score rates 0 and is counted.
+                       A served judge (model.judgeEndpoint, else a served teacher) gets the
+                       same messages over HTTP; its tokens and retries become metrics.
     self               IWSI's self filter: the sampling model rates its own reasoning 0-10;
                        keeps the top fraction.
     diversity          LTD: k-center greedy over embeddings of question + reasoning; keeps
@@ -39,8 +41,10 @@ from typing import Any
 
 from ..answers import extract_answer
 from ..chat import render_messages
-from ..constants import OutputName
+from ..constants import JUDGE_API_KEY_ENV, TEACHER_API_KEY_ENV, OutputName
+from ..contract import ModelRef
 from ..data import load_examples
+from ..endpoints import Endpoint
 from ..engines.base import Engine, GenerationParams
 from ..errors import BadInput, DataError
 from ..filter_registry import FILTERS
@@ -182,6 +186,7 @@ class FilterRun:
     pool: EnginePool
     validation: list[tuple[str, str, str]]   # (question, cot, answer) of inputs.validation
     labels: dict[str, Any] = field(default_factory=dict)  # question id → data.Example, for label-aware filters
+    metrics: dict[str, Any] = field(default_factory=dict)  # headline metrics a filter adds (a served judge's tokens)
 
 
 FilterFn = Callable[[FilterRun, list[Candidate], Any], tuple[list[Candidate], dict[str, Any]]]
@@ -261,13 +266,11 @@ def judge_messages(question: str, response: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": triplet + JUDGE_INSTRUCTION}]
 
 
-def _rate(fr: FilterRun, engine: Engine, prompts: list[str], max_tokens: int, max_score: float,
-          adapter: str | None = None) -> tuple[list[float], int]:
-    """Greedy replies to `prompts`, read by `parse_score`; unreadable ones score 0 (and count)."""
-    outs = engine.generate(prompts, GenerationParams(n=1, temperature=0.0, max_tokens=max_tokens), adapter=adapter)
+def _read_scores(texts: Sequence[str], max_score: float) -> tuple[list[float], int]:
+    """Ratings read by `parse_score`; unreadable ones score 0 (and count)."""
     scores, unparsed = [], 0
-    for o in outs:
-        s = parse_score(o.completions[0].text, max_score)
+    for text in texts:
+        s = parse_score(text, max_score)
         if s is None:
             unparsed += 1
             s = 0.0
@@ -275,23 +278,56 @@ def _rate(fr: FilterRun, engine: Engine, prompts: list[str], max_tokens: int, ma
     return scores, unparsed
 
 
+def _rate(fr: FilterRun, engine: Engine, prompts: list[str], max_tokens: int, max_score: float,
+          adapter: str | None = None) -> tuple[list[float], int]:
+    """Greedy replies to `prompts`, read by `parse_score`; unreadable ones score 0 (and count)."""
+    outs = engine.generate(prompts, GenerationParams(n=1, temperature=0.0, max_tokens=max_tokens), adapter=adapter)
+    return _read_scores([o.completions[0].text for o in outs], max_score)
+
+
+def judge_model(spec: JudgeFilter, m: ModelRef) -> tuple[str, tuple[Endpoint, str, str] | None]:
+    """Who judges: the filter's own `model`, else `model.judge`, else the served judge, else the
+    teacher (weights or served), else base. Returns (its name, (endpoint, field, key variable)
+    when it is served)."""
+    if spec.model or m.judge:
+        return str(spec.model or m.judge), None
+    for endpoint, name, key_env in ((m.judge_endpoint, "model.judgeEndpoint", JUDGE_API_KEY_ENV),
+                                    (None if m.teacher else m.teacher_endpoint, "model.teacherEndpoint",
+                                     TEACHER_API_KEY_ENV)):
+        if endpoint is not None:
+            return f"{endpoint.url} ({endpoint.model})", (endpoint, name, key_env)
+    return m.teacher or m.base, None
+
+
 def judge(fr: FilterRun, cands: list[Candidate], spec: JudgeFilter) -> tuple[list[Candidate], dict]:
-    m = fr.ctx.task.model
-    model = spec.model or m.judge or m.teacher or m.base
+    model, served = judge_model(spec, fr.ctx.task.model)
     if not cands:
         return [], {"minScore": spec.min_score, "model": model}
-    engine = fr.pool.get(model)
-    use_template = fr.ctx.task.prompting.chat_template
-    prompts = [render_messages(engine.tokenizer, judge_messages(c.question, c.text), use_template=use_template)
-               for c in cands]
-    scores, unparsed = _rate(fr, engine, prompts, spec.max_tokens, JUDGE_MAX)
+    requests = [judge_messages(c.question, c.text) for c in cands]
+    extra: dict[str, Any] = {}
+    if served is not None:
+        from ..endpoint_client import EndpointClient
+
+        endpoint, field_name, key_env = served
+        with EndpointClient(endpoint, field=field_name, api_key_env=key_env) as client:
+            replies = client.chat(requests, temperature=0.0, max_tokens=spec.max_tokens,
+                                  progress=lambda d, t: fr.ctx.progress(d, t, "judge requests"))
+        scores, unparsed = _read_scores([r.text for r in replies], JUDGE_MAX)
+        extra["endpoint"] = client.stats.details(endpoint)
+        for key, value in client.stats.metrics("judge").items():
+            fr.metrics[key] = fr.metrics.get(key, 0) + value
+    else:
+        engine = fr.pool.get(model)
+        use_template = fr.ctx.task.prompting.chat_template
+        prompts = [render_messages(engine.tokenizer, r, use_template=use_template) for r in requests]
+        scores, unparsed = _rate(fr, engine, prompts, spec.max_tokens, JUDGE_MAX)
     for c, s in zip(cands, scores):
         c.scores["judgeScore"] = s
     if unparsed:
         fr.ctx.log.warning(f"judge: {unparsed} of {len(cands)} replies had no readable score (rated 0)")
     return [c for c, s in zip(cands, scores) if s >= spec.min_score], {
         "minScore": spec.min_score, "model": model, "unparsed": unparsed,
-        "meanScore": round(sum(scores) / len(scores), 4),
+        "meanScore": round(sum(scores) / len(scores), 4), **extra,
     }
 
 
@@ -444,6 +480,7 @@ def run(ctx: StageContext) -> StageOutcome:
     metrics: dict[str, Any] = {"candidates": n_candidates, "kept": len(cands), "keptQuestions": kept_questions}
     if cands:
         metrics["meanConfidence"] = round(sum(c.confidence for c in cands) / len(cands), 6)
+    metrics.update(fr.metrics)
     return StageOutcome(
         metrics=metrics,
         outputs={"kept": KEPT, "rejected": REJECTED},
