@@ -39,8 +39,10 @@ import pytest
 __all__ = ["served_tiny", "ScriptedProxy", "Scripted", "SERVED_NAME", "free_port"]
 
 SERVED_NAME = "tiny"
-# A transcript template the character-level tokenizer can encode (every character is a token).
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+# A transcript template the character-level tokenizer can encode (every character is a token),
+# starting with the BOS as real templates write it (Llama's), so that a served chat prompt and the
+# local engines' `encode_prompt` of the same rendering are the same ids.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 START_TIMEOUT_S = 240
 

@@ -116,3 +116,33 @@ def test_the_judge_filter_scores_through_the_served_judge(served_tiny, tmp_path:
     assert step["endpoint"]["requests"] == 6 and step["model"] == f"{served_tiny.url} ({served_tiny.model})"
     assert step["endpoint"]["promptTokens"] == m["judgePromptTokens"]
     assert "vLLM engine" not in stderr
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_the_served_prompt_is_the_local_prompt(served_tiny, api):
+    """The teacher's messages reach the served model as the very token ids the local engines
+    would generate from: through the server's chat template (`chat`), or as the plain transcript a
+    model without one gets locally (`completions`). Counted through the client (`usage`), and
+    compared id for id with vLLM's `return_token_ids`."""
+    from selfimprove_workers.chat import render_messages
+    from selfimprove_workers.constants import TEACHER_API_KEY_ENV
+    from selfimprove_workers.endpoint_client import EndpointClient
+    from selfimprove_workers.endpoints import Endpoint
+    from selfimprove_workers.engines.base import encode_prompt
+    from selfimprove_workers.stages.augment import teacher_messages
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(served_tiny.model_dir))
+    messages = teacher_messages("Ann has 3 apples and buys 4 more. How many?", "3 + 4 = 7\n#### 7", 2)
+    local = encode_prompt(tok, render_messages(tok if api == "chat" else None, messages))
+    endpoint = Endpoint(url=served_tiny.url, model=served_tiny.model, api=api, extra_body={"return_token_ids": True})
+    with EndpointClient(endpoint, field="model.teacherEndpoint", api_key_env=TEACHER_API_KEY_ENV) as client:
+        replies = client.chat([messages], temperature=0.0, max_tokens=4)
+    assert len(replies) == 1 and client.stats.prompt_tokens == len(local)
+    body = client._body(messages, 0.0, 4, None)
+    req = urllib.request.Request(f"{served_tiny.url}{client.path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        answer = json.loads(resp.read())
+    ids = answer.get("prompt_token_ids") or answer["choices"][0].get("prompt_token_ids")
+    assert ids == local

@@ -97,3 +97,21 @@ def test_the_augment_stage_fails_with_endpoint_error_and_loads_no_weights(tmp_pa
     assert summary["message"].startswith(f"model.teacherEndpoint: POST {proxy.url}/chat/completions"), summary
     assert "no answer within 0.5 s (timeoutSeconds), after 2 attempt(s)" in summary["message"]
     assert "no-such-model" not in stderr and len(proxy.arrivals) == 2
+
+
+def test_a_request_that_fails_for_good_stops_the_others_backing_off():
+    """One request is refused (401) while another was told to come back in 30 s: the batch fails
+    with the refusal, and the other thread stops waiting instead of holding the stage's exit."""
+    import threading
+
+    script = [Scripted(503, {"Retry-After": "30"}), Scripted(401, delay=0.3)]
+    with ScriptedProxy(None, script) as proxy:
+        with EndpointClient(endpoint(proxy, maxConcurrency=2), field="model.teacherEndpoint",
+                            api_key_env=TEACHER_API_KEY_ENV) as client:
+            with pytest.raises(BadInput, match="401"):
+                client.chat(HELLO * 2, temperature=0.0, max_tokens=4)
+            waiting = [t for t in threading.enumerate() if t.name.startswith("endpoint")]
+            for t in waiting:
+                t.join(timeout=10)
+            assert not [t for t in waiting if t.is_alive()]
+    assert len(proxy.arrivals) == 2

@@ -186,3 +186,23 @@ def test_backoff_doubles_with_jitter_within_its_bounds():
         waits = [backoff_seconds(0.5, retry, rng) for _ in range(200)]
         assert all(cap / 2 <= w <= cap for w in waits)
         assert max(waits) - min(waits) > cap / 4  # jittered, not one fixed value
+
+
+def test_who_judges():
+    from selfimprove_workers.contract import ModelRef
+    from selfimprove_workers.endpoints import Endpoint
+    from selfimprove_workers.spec import JudgeFilter
+    from selfimprove_workers.stages.filter import judge_model
+
+    served = Endpoint(url="http://judge:8000/v1", model="j")
+    teacher = Endpoint(url="http://teacher:8000/v1", model="t")
+    own = JudgeFilter(model="s3://m/own/")
+    plain = JudgeFilter()
+    assert judge_model(own, ModelRef(base="s3://m/b/", judge_endpoint=served)) == ("s3://m/own/", None)
+    assert judge_model(plain, ModelRef(base="s3://m/b/", judge="s3://m/j/", teacher_endpoint=teacher)) == ("s3://m/j/", None)
+    assert judge_model(plain, ModelRef(base="s3://m/b/", judge_endpoint=served, teacher_endpoint=teacher)) == (
+        "http://judge:8000/v1 (j)", (served, "model.judgeEndpoint", JUDGE_API_KEY_ENV))
+    assert judge_model(plain, ModelRef(base="s3://m/b/", teacher_endpoint=teacher)) == (
+        "http://teacher:8000/v1 (t)", (teacher, "model.teacherEndpoint", TEACHER_API_KEY_ENV))
+    assert judge_model(plain, ModelRef(base="s3://m/b/", teacher="s3://m/t/")) == ("s3://m/t/", None)
+    assert judge_model(plain, ModelRef(base="s3://m/b/")) == ("s3://m/b/", None)

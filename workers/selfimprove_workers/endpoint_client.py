@@ -130,16 +130,17 @@ class EndpointClient:
     """Chat (or completion) requests to one endpoint. `field` (`model.teacherEndpoint`) names it
     in errors; the API key, if any, is the environment variable `api_key_env`."""
 
-    def __init__(self, endpoint: Endpoint, *, field: str, api_key_env: str,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+    def __init__(self, endpoint: Endpoint, *, field: str, api_key_env: str, rng: random.Random | None = None):
         import openai
 
         self.endpoint = endpoint
         self.field = field
         self.api_key_env = api_key_env
         self.stats = EndpointStats()
-        self._sleep = sleep
         self._rng = rng or random.Random()
+        # Set when a request failed for good: the others stop retrying (the interpreter joins
+        # the pool's threads at exit, so a thread still backing off would hold the failing stage).
+        self._abort = threading.Event()
         self._lock = threading.Lock()
         self._openai = openai
         key = os.environ.get(api_key_env) or ""
@@ -218,15 +219,16 @@ class EndpointClient:
                 why, last = "connection", f"could not connect: {type(cause).__name__}: {cause}"
             else:
                 return self._reply(response)
-            if attempt == retries:
+            if attempt == retries or self._abort.is_set():
                 break
             delay = retry_after if retry_after is not None else backoff_seconds(self.endpoint.backoff_seconds, attempt, self._rng)
             with self._lock:
                 self.stats.retries += 1
                 self.stats.retried[why] += 1
                 self.stats.wait_seconds += delay
-            self._sleep(delay)
-        raise EndpointError(f"{self._where()} {last}, after {retries + 1} attempt(s) in {time.monotonic() - t0:.1f} s "
+            if self._abort.wait(delay):
+                break
+        raise EndpointError(f"{self._where()} {last}, after {attempt + 1} attempt(s) in {time.monotonic() - t0:.1f} s "
                             f"(maxRetries {retries}); the stage is retried by the run's retry policy")
 
     def _reply(self, response: Any) -> Reply:
@@ -270,8 +272,10 @@ class EndpointClient:
                     progress(len(bodies) - len(pending), len(bodies))
             failed = False
         finally:
-            # On a failure do not wait for the requests in flight (each may still retry): the
-            # stage is failing, and its process exits.
+            # On a failure do not wait for the requests in flight: the stage is failing. Those
+            # not started are cancelled, those backing off stop.
+            if failed:
+                self._abort.set()
             pool.shutdown(wait=not failed, cancel_futures=True)
             with self._lock:
                 self.stats.seconds += time.monotonic() - t0
