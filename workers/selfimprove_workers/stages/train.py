@@ -142,9 +142,11 @@ def torchrun_command(job_dir: Path, processes: int, nodes: int = 1, node_rank: i
                      endpoint: str | None = None, rdzv_id: str | None = None) -> list[str]:
     """The torchrun command line of one node. One node: `--standalone` (a local store). Several
     (the pods of an Indexed Job): c10d rendezvous at `endpoint` (index 0's host, which hosts the
-    store), `--node_rank` the pod's completion index so that global rank 0 — the process that
-    writes the outputs — is on index 0, and `rdzv_id` the Job's name so that a retried Job never
-    joins its predecessor's rendezvous."""
+    store) and `rdzv_id` the Job's name so that a retried Job never joins its predecessor's
+    rendezvous. `--node_rank` is passed but c10d ignores it (torch/distributed/run.py warns so):
+    the rendezvous numbers nodes by their sorted addresses (dynamic_rendezvous.py), so outputs must
+    come from global rank 0 (`RANK`), whichever pod that is — on an Indexed Job `<job>-0.<svc>`
+    sorts first."""
     if nodes <= 1:
         launch = ["--standalone"]
     else:
