@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from selfimprove_workers.constants import EXIT_BAD_INPUT, PERMANENT_REASONS, rfc3339
+from selfimprove_workers.constants import BAD_INPUT_REASON, EXIT_BAD_INPUT, PERMANENT_REASONS, rfc3339
 from selfimprove_workers.contract import (
     ModelRef,
     PinnedInput,
@@ -41,7 +41,9 @@ from .api import (
     StageStatus,
 )
 from .presets import resolve, stages_of_round
+from .status_history import compact_rounds
 from .strategies import strategy
+from .task_limits import oversize
 from .wiring import WiringContext, wiring_for
 
 __all__ = [
@@ -536,6 +538,11 @@ def _advance_stage(spec, status, current: RoundStatus, stage: StageStatus, obs: 
     attempt = stage.attempts + 1
     name = job_name(run.name, current.round, stage.name, attempt)
     task = build_task(spec, status, run, current.round, stage.name, attempt)
+    if (too_big := oversize(task)) is not None:
+        # Refused before any Job exists: its container could not start (task_limits.py).
+        stage.attempts = attempt
+        return _fail_stage(spec, status, stage, Observed(attempt, "failed", reason=BAD_INPUT_REASON, message=too_big),
+                           p, now, gen)
     if task.shards > 1:
         # A retry runs only the shards not finished yet; finished ones are never redone.
         done = set(stage.completed_shards or ())
@@ -610,4 +617,5 @@ def _finish_round(spec, status: SelfImproveRunStatus, p: Plan, now: datetime, ge
     nxt = current.round + 1
     status.rounds.append(new_round(spec.strategy, nxt, now))
     status.round = nxt
+    compact_rounds(status)  # older rounds keep their summary: the status must fit etcd
     return True
