@@ -5,7 +5,8 @@ Measured on the real models and planner (no cluster needed):
   (MAX_ARG_STRLEN, 128 KiB: execve fails with E2BIG above it, whatever ARG_MAX says) and the
   ~1 MiB object limit, with an empty fewShot list and with 64 exemplars of a given size;
 - a run's status per round (from a finished local run's status.json when given one) against
-  etcd's 1.5 MiB request limit: how many rounds fit.
+  etcd's 1.5 MiB request limit: how many rounds fit, with and without the planner's compaction
+  of older rounds (status_history.py).
 
     .venv/bin/python bench/bench_limits.py [--status runs/local/<run>/status.json]
 """
@@ -64,14 +65,24 @@ def main() -> int:
           f"~{(MAX_ARG_STRLEN - task_bytes(0, 1, 0)) / 64 - overhead:,.0f} B of text per exemplar")
 
     if args.status:
-        status = json.loads(args.status.read_text())
-        rounds = status["rounds"]
+        from selfimprove_operator.api import SelfImproveRunStatus
+        from selfimprove_operator.status_history import FULL_ROUNDS, compact_rounds
+
+        raw = json.loads(args.status.read_text())
+        status = SelfImproveRunStatus.model_validate(raw)
+        rounds = [r.wire() for r in status.rounds]
         sizes = [compact(r) for r in rounds]
-        rest = compact({k: v for k, v in status.items() if k != "rounds"})
+        rest = compact({k: v for k, v in status.wire().items() if k != "rounds"})
         per_round = max(sizes[1:]) if len(sizes) > 1 else sizes[0]
-        print(f"\nstatus of {args.status}: {compact(status):,} B; rounds {sizes} B; everything else {rest:,} B")
-        fit = (ETCD_LIMIT - rest - 16 * 1024) // per_round  # 16 KiB: metadata, managedFields, spec
-        print(f"per round {per_round:,} B → {fit:,} rounds fit under etcd's 1.5 MiB (spec.rounds.max allows 999)")
+        small = status.model_copy(deep=True)
+        compact_rounds(small, keep=0)
+        per_compact = max(compact(r.wire()) for r in small.rounds)
+        room = ETCD_LIMIT - rest - 16 * 1024  # 16 KiB: metadata, managedFields, spec
+        print(f"\nstatus of {args.status}: {compact(status.wire()):,} B; rounds {sizes} B; everything else {rest:,} B")
+        print(f"per round {per_round:,} B in full, {per_compact:,} B compacted (status_history.py)")
+        print(f"without compaction {room // per_round:,} rounds fit under etcd's 1.5 MiB; with the last "
+              f"{FULL_ROUNDS} in full {FULL_ROUNDS + (room - FULL_ROUNDS * per_round) // per_compact:,} "
+              f"(spec.rounds.max allows 999)")
     return 0
 
 
