@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from selfimprove_workers.contract import StageResult
-from selfimprove_workers.log import PROGRESS_KEY, ProgressRecord, parse_progress
+from selfimprove_workers.log import PROGRESS_KEY, ProgressRecord, combine_shards, parse_progress
 from selfimprove_workers.redaction import redact, redact_obj
 from selfimprove_workers.runtime import SHARD_INDEX_ENV
 from selfimprove_workers.storage import storage_for
@@ -227,8 +227,15 @@ class LocalExecutor:
         done = frozenset(m.shard for m, c in zip(sp.group, codes, strict=True) if c == 0 and m.shard is not None)
         before = self.observed.get(key)
         if any(c is None for c in codes):
-            self.observed[key] = Observed(attempt=sp.start.attempt, state="running", progress=sp.progress,
-                                          report=sp.report, completed_shards=done)
+            # The stage's progress is its running shards' combined; shards outside this attempt
+            # finished in an earlier one.
+            task = sp.start.task
+            report = combine_shards({m.shard: m.report for m, c in zip(sp.group, codes, strict=True)
+                                     if c is None and m.report is not None and m.shard is not None},
+                                    task.shards, task.shards - len(sp.group) + len(done))
+            self.observed[key] = Observed(attempt=sp.start.attempt, state="running",
+                                          progress=report.text() if report else None,
+                                          report=report, completed_shards=done)
             return before is None or before.completed_shards != done
         del self.running[key]
         results = [_result_of(m) for m in sp.group]

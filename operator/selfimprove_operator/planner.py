@@ -366,6 +366,8 @@ def stage_progress(status: SelfImproveRunStatus, observed: dict[tuple[int, str],
         return previous if same else None
     eta = None if rec.eta_seconds is None else int(round(rec.eta_seconds))
     left = f", {duration_text(eta)} left" if eta is not None and rec.done < rec.total else ""
+    # A sharded stage's record combines its running shards (k8s/progress.py): say how many are done.
+    left += f"; shards {stage.shards}" if stage.shards else ""
     return StageProgress(
         round=current.round, stage=stage.name, attempt=stage.attempts, unit=rec.unit, done=rec.done, total=rec.total,
         percent=rec.percent, estimated_remaining_seconds=eta, last_update=rec.ts,

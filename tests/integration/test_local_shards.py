@@ -83,3 +83,19 @@ def test_a_failed_shard_is_retried_alone(tmp_path):
     rows = [json.loads(x)["row"] for x in (sample / "out.jsonl").read_text().splitlines()]
     assert rows == list(range(10)) and (sample / "_SUCCESS").exists()
     assert json.loads((sample / "result.json").read_text())["summary"]["shards"] == 2
+
+
+def test_the_live_progress_of_a_sharded_stage_counts_both_shards(tmp_path, monkeypatch):
+    """Each shard process logs 3 steps: the stage's progress is out of 2 × 3, not one shard's 3."""
+    run = local_run(load_runs(write_manifest(tmp_path))[0], str(tmp_path / "runs"))
+    seen: list[tuple[int, int]] = []
+
+    def watch(ex: LocalExecutor) -> None:
+        if (prog := ex.status.progress) is not None and prog.stage == "sample":
+            seen.append((prog.done, prog.total))
+
+    monkeypatch.setenv("FAKE_STAGE_SLEEP_SAMPLE", "1.5")
+    ex = LocalExecutor(run, stage_command=FAKE.split(), poll_seconds=0.05, workdir=tmp_path / "work", on_update=watch)
+    assert ex.run_to_end().phase == "Succeeded"
+    assert seen and all(total == 6 for _, total in seen), seen
+    assert max(done for done, _ in seen) >= 4, seen   # both shards' steps add up

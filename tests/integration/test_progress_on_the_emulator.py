@@ -7,7 +7,7 @@ import asyncio
 import json
 
 import pytest
-from k8s_fixtures import PODS, RUNS, Hold, need_kmock, progress_line, run_manifest, running_pod
+from k8s_fixtures import PODS, RUNS, Hold, Indexed, Succeed, need_kmock, progress_line, run_manifest, running_pod
 
 pytestmark = [pytest.mark.k8s, pytest.mark.asyncio]
 
@@ -55,6 +55,38 @@ async def test_running_stage_progress_reaches_status_and_printer_column(k8s, clu
     await k8s.wait_for(lambda: k8s.status("prog").get("phase") == "Succeeded", what="the run to succeed")
     assert "progress" not in k8s.status("prog")
     assert printer_column(k8s, k8s.run("prog"), "Progress") is None
+
+
+async def test_a_sharded_stages_progress_counts_every_shard(k8s, cluster, start_operator):
+    """Round 0's evaluate in 3 shards (one Indexed Job): shard 0 finishes at once, shards 1 and 2
+    run and print their own counts; status.progress is the stage's, not one pod's."""
+    cluster.scripts["wide-r0-evaluate"] = Indexed({0: [Succeed(seconds=0.1)], 1: [Succeed(seconds=120)],
+                                                  2: [Succeed(seconds=120)]})
+    # backoffLimitPerIndex only where the API server knows it (1.29+), as an admin sets it.
+    await start_operator(progress_interval=0.3,
+                         backoff_limit_per_index=tuple(map(int, k8s.version.split("."))) >= (1, 29))
+    await k8s.create_object(RUNS, "default", run_manifest("wide", rounds={"max": 1, "patience": 0},
+                                                          resources={"gpus": 1, "shards": 3}))
+
+    def shard_pod(k: int) -> str | None:
+        for pod in k8s.find(PODS, "default", "job-name=wide-r0-evaluate"):
+            meta = pod["metadata"]
+            if meta["annotations"].get("batch.kubernetes.io/job-completion-index") == str(k) \
+                    and (pod.get("status") or {}).get("phase") == "Running":
+                return meta["name"]
+        return None
+
+    pods = await k8s.wait_for(lambda: (a := shard_pod(1)) and (b := shard_pod(2)) and (a, b), what="shards 1 and 2 to run")
+    await k8s.wait_for(lambda: (s := k8s.status("wide")) and s["rounds"][0]["stages"][0].get("shards") == "1/3",
+                       what="shard 0 to be done")
+    k8s.write_log("default", pods[0], progress_line(30, 100, "answers", eta=40, stage="evaluate"))
+    k8s.write_log("default", pods[1], progress_line(70, 100, "answers", eta=15, stage="evaluate"))
+    prog = await k8s.wait_for(lambda: (p := k8s.status("wide").get("progress")) and p["done"] == 200 and p,
+                              what="both running shards' counts on the status")
+    # Shard 0 done (100) + 30 + 70 of 3 × 100; time left is the slower shard's.
+    assert (prog["done"], prog["total"], prog["percent"], prog["estimatedRemainingSeconds"]) == (200, 300, 66, 40)
+    assert prog["summary"] == "evaluate 66% (200/300 answers, 40s left; shards 1/3)"
+    assert k8s.status("wide")["rounds"][0]["stages"][0]["progress"] == "200/300 answers"
 
 
 async def test_progress_writes_are_rate_bounded_under_fifty_concurrent_runs(k8s, cluster, start_operator):

@@ -161,3 +161,26 @@ def test_the_live_view_shows_the_status_progress():
     rec = slog.ProgressRecord(30, 120, "answers", "2026-01-01T00:00:05Z", 3700.0)
     status = plan(spec, status, {(0, stage.name): Observed(attempt=1, state="running", report=rec)}, NOW, RUN).status
     assert stages_line(status).plain == f"round 0: {stage.name} [25% 30/120 answers, ~1h01m left]"
+
+
+def test_a_sharded_stages_progress_combines_its_running_shards():
+    rec = slog.ProgressRecord
+    # 4 shards of ~100 paths: one done before, two running and read, one running not read yet.
+    got = slog.combine_shards({1: rec(40, 100, "paths", "2026-01-01T00:00:05Z", 30.0),
+                               2: rec(10, 102, "paths", "2026-01-01T00:00:09Z", 90.0)}, shards=4, finished=1)
+    assert (got.done, got.total, got.unit) == (101 + 40 + 10, 404, "paths")
+    assert got.eta_seconds == 90.0 and got.ts == "2026-01-01T00:00:09Z"   # the slowest shard; the newest read
+    assert slog.combine_shards({}, shards=4, finished=2) is None           # nothing read: nothing claimed
+    # Every shard done but one nearly so: never more than the total, never over 100%.
+    last = slog.combine_shards({3: rec(99, 100, "paths", "2026-01-01T00:00:00Z")}, shards=4, finished=3)
+    assert (last.done, last.total, last.percent) == (399, 400, 99)
+
+
+def test_the_planner_says_how_many_shards_are_done():
+    from selfimprove_operator.api import RoundStatus, StageStatus
+
+    status = SelfImproveRunStatus(rounds=[RoundStatus(round=1, stages=[
+        StageStatus(name="sample", state="Running", attempts=1, shards="1/4", completed_shards=[0])])])
+    obs = Observed(attempt=1, state="running", report=slog.ProgressRecord(150, 400, "paths", "2026-01-01T00:00:00Z", 65.0))
+    prog = stage_progress(status, {(1, "sample"): obs}, None)
+    assert prog.summary == "sample 37% (150/400 paths, 1m05s left; shards 1/4)"

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .redaction import redact_obj
@@ -149,3 +149,21 @@ def last_progress(text: str) -> ProgressRecord | None:
 
 def _count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def combine_shards(records: Mapping[int, ProgressRecord], shards: int, finished: int) -> ProgressRecord | None:
+    """One record for a sharded stage, from the latest records read of its running shards
+    (`records`, by shard), `shards` in all and `finished` of them done (over every attempt).
+
+    Shards are slices of n//N ± 1 rows, so a shard's total stands for every shard's: the stage's
+    total is the mean shard total × N, a finished shard counts as that mean, and a running shard
+    not read yet as 0 (progress never overstates). Time left is the slowest shard's read: the
+    stage ends when its last shard does. None when nothing was read."""
+    if not records or shards < 1:
+        return None
+    per_shard = sum(r.total for r in records.values()) / len(records)
+    done = round(finished * per_shard) + sum(r.done for r in records.values())
+    total = max(done, round(per_shard * shards))
+    etas = [r.eta_seconds for r in records.values() if r.eta_seconds is not None]
+    newest = max(records.values(), key=lambda r: r.ts)
+    return ProgressRecord(done, total, newest.unit, newest.ts, max(etas) if etas else None)
