@@ -72,6 +72,8 @@ __all__ = [
     "read_marker",
     "is_complete",
     "read_committed",
+    "iter_committed",
+    "write_stream",
     "file_entry_of",
 ]
 
@@ -764,18 +766,27 @@ def write_jsonl(storage: Storage, uri: str, rows: Iterable[dict[str, Any]]) -> F
     The file is hashed as it is written and uploaded in one piece, so the object appears
     atomically with its final content.
     """
+
+    def lines() -> Iterator[bytes]:
+        for row in rows:
+            if not isinstance(row, dict):
+                raise TypeError(f"write_jsonl({uri}): rows must be dicts, got {type(row).__name__}")
+            yield (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+    return write_stream(storage, uri, lines())
+
+
+def write_stream(storage: Storage, uri: str, blocks: Iterable[bytes]) -> FileEntry:
+    """Write the concatenation of ``blocks`` to ``uri`` through a local temp file (memory stays
+    at one block), hashed on the way; the object appears in one piece only after the last block,
+    so an iterator that raises half-way leaves nothing behind."""
     h = _Hasher()
-    fd, tmp = tempfile.mkstemp(prefix="selfimprove-", suffix=".jsonl")
+    fd, tmp = tempfile.mkstemp(prefix="selfimprove-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            for row in rows:
-                if not isinstance(row, dict):
-                    raise TypeError(
-                        f"write_jsonl({uri}): rows must be dicts, got {type(row).__name__}"
-                    )
-                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-                h.update(line)
-                f.write(line)
+            for block in blocks:
+                h.update(block)
+                f.write(block)
         return storage._upload_file(tmp, uri, h.entry())
     finally:
         _unlink_quietly(tmp)
@@ -869,6 +880,11 @@ class StageWriter:
     def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> FileEntry:
         self._check_open()
         return self._record(_relative_name(name), write_jsonl(self.storage, self.uri(name), rows))
+
+    def write_stream(self, name: str, blocks: Iterable[bytes]) -> FileEntry:
+        """Write ``name`` from an iterator of byte blocks (see :func:`write_stream`)."""
+        self._check_open()
+        return self._record(_relative_name(name), write_stream(self.storage, self.uri(name), blocks))
 
     def upload_file(self, name: str, local_path: str | os.PathLike[str]) -> FileEntry:
         self._check_open()
@@ -999,3 +1015,39 @@ def read_committed(storage: Storage, prefix: str, name: str) -> bytes:
     if actual.sha256 != rec["sha256"]:
         raise CorruptObjectError(uri, f"sha256 {actual.sha256} != recorded {rec['sha256']}")
     return data
+
+
+def iter_committed(storage: Storage, prefix: str, name: str) -> Iterator[bytes]:
+    """Stream a committed output line by line (each line with its ``\\n``), checking its size
+    and sha256 against the marker as it goes: memory stays at one line.
+
+    The check can only finish at the end, so ``CorruptObjectError`` (naming the file's URI) comes
+    after the last line: a consumer must not publish what it built from the lines before the
+    iterator is exhausted (:func:`write_stream` publishes only then). ``NotFoundError`` as
+    :func:`read_committed`.
+    """
+    prefix = normalize_prefix(prefix)
+    name = _relative_name(name)
+    marker = read_marker(storage, prefix)
+    if marker is None:
+        raise NotFoundError(f"{prefix}: not committed (no {MARKER_NAME})")
+    rec = marker["files"].get(name)
+    uri = join_uri(prefix, name)
+    if rec is None:
+        raise NotFoundError(f"{uri}: not listed in {join_uri(prefix, MARKER_NAME)}")
+    h = _Hasher()
+    try:
+        f = storage.open_read(uri)
+    except NotFoundError:
+        raise CorruptObjectError(uri, f"listed in {MARKER_NAME} but missing") from None
+    with f:
+        for line in f:
+            h.update(line)
+            if h.size > rec["size"]:
+                raise CorruptObjectError(uri, f"longer than the recorded {rec['size']} bytes")
+            yield line
+    actual = h.entry()
+    if actual.size != rec["size"]:
+        raise CorruptObjectError(uri, f"size {actual.size} != recorded {rec['size']}")
+    if actual.sha256 != rec["sha256"]:
+        raise CorruptObjectError(uri, f"sha256 {actual.sha256} != recorded {rec['sha256']}")
