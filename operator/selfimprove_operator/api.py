@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
+from selfimprove_workers.contract import MAX_NODES, MULTI_NODE_STAGE
 from selfimprove_workers.endpoints import Endpoint
 from selfimprove_workers.exemplars import ExemplarsSpec
 from selfimprove_workers.model_refs import ModelRef
@@ -32,6 +33,7 @@ from selfimprove_workers.stage_registry import STAGES, phases, stage_names
 from .strategies import spec_rules, strategy_names
 
 GROUP = "selfimprove.dev"
+_SHARDABLE: Final = ", ".join(n for n, k in STAGES.items() if k.shardable)
 VERSION = "v1alpha1"
 API_VERSION: Final = "selfimprove.dev/v1alpha1"  # f"{GROUP}/{VERSION}", spelt out for the type checker
 KIND: Final = "SelfImproveRun"
@@ -172,12 +174,22 @@ class StageResourcesSpec(WireModel):
     priority_class_name: str | None = Field(None, description="PriorityClass of this stage's pods; default: the run's.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Deadline of this stage's Jobs; default: the run's.")
     shards: int | None = Field(
-        None, ge=1, le=1000, description="Parallel pods splitting this stage's input rows (sample, evaluate); "
-        "default: the run's. Only a shardable stage may have more than 1.")
+        None, ge=1, le=1000, description=f"Parallel pods splitting this stage's work ({_SHARDABLE}; filter shards "
+        "its scoring, the selection runs once over the union); default: the run's. Only a shardable stage "
+        "may have more than 1.")
+    nodes: int | None = Field(
+        None, ge=1, le=1, description=f"Always 1: only the {MULTI_NODE_STAGE} stage runs on several nodes.")
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _one_node(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+            raise ValueError(f"is {v}, but only the {MULTI_NODE_STAGE} stage runs on several nodes")
+        return v
 
 
 class UnshardedStageResourcesSpec(StageResourcesSpec):
-    """A stage that cannot be sharded (its rows are not independent: filter, train): `shards`
+    """A stage that cannot be sharded (its rows are not independent: train): `shards`
     stays 1, in the model and, through the schema's maximum, in `kubectl apply`."""
 
     shards: int | None = Field(None, ge=1, le=1, description="Always 1: this stage cannot be sharded.")
@@ -191,10 +203,31 @@ class UnshardedStageResourcesSpec(StageResourcesSpec):
         return v
 
 
+class TrainStageResourcesSpec(UnshardedStageResourcesSpec):
+    """The train stage: not shardable, but data parallel over several nodes."""
+
+    nodes: int | None = Field(
+        None, ge=1, le=MAX_NODES,
+        description="Nodes (pods of one Indexed Job, each with this stage's gpus) training one adapter "
+        "data parallel over a torchrun c10d rendezvous; the global batch is batchSize × gpus × nodes. "
+        "One node failing fails the attempt, and the retry resumes from the last checkpoint. Default 1.")
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _one_node(cls, v: Any) -> Any:
+        return v
+
+
+def _overrides_of(name: str) -> Any:
+    if name == MULTI_NODE_STAGE:
+        return TrainStageResourcesSpec
+    return StageResourcesSpec if STAGES[name].shardable else UnshardedStageResourcesSpec
+
+
 # One optional entry per registered stage kind: an unknown stage name is an unknown field, which
 # the model (and `kubectl apply`, the CRD being structural) rejects with its path.
 _STAGE_OVERRIDES: dict[str, Any] = {
-    name: (StageResourcesSpec | None if STAGES[name].shardable else UnshardedStageResourcesSpec | None,
+    name: (_overrides_of(name) | None,
            Field(None, description=f"Overrides for the {name} stage's Jobs."))
     for name in stage_names()
 }
@@ -229,13 +262,14 @@ class ResourcesSpec(WireModel):
     )
     model_cache: ModelCacheSpec | None = Field(None, description="Optional volume caching model weights.")
     shards: int | None = Field(
-        None, ge=1, le=1000, description="Parallel pods (one Indexed Job) each shardable stage (sample, evaluate) "
+        None, ge=1, le=1000, description=f"Parallel pods (one Indexed Job) each shardable stage ({_SHARDABLE}) "
         "splits its input rows over; their outputs are merged into exactly a one-pod run's. Default 1.")
     stages: StageResourcesByStage | None = Field(  # type: ignore[valid-type]
         None,
         description="Per-stage overrides (sample, filter, train, evaluate, augment) of gpus, gpuResourceName, cpu, "
         "memory, image, nodeSelector, tolerations, affinity, priorityClassName and activeDeadlineSeconds, each "
-        "defaulting to the run's value above: e.g. a large teacher's sample stage on 8 GPUs, the student's "
+        "defaulting to the run's value above, and train's nodes (multi-node data-parallel training): "
+        "e.g. a large teacher's sample stage on 8 GPUs, the student's "
         "train and evaluate on 1.",
     )
 
@@ -245,7 +279,9 @@ class ResourcesSpec(WireModel):
         override = getattr(self.stages, stage, None) if self.stages is not None else None
         changes: dict[str, Any] = {"stages": None}
         if override is not None:
-            changes.update({k: getattr(override, k) for k in override.model_fields_set if getattr(override, k) is not None})
+            # `nodes` is the train stage's alone (planner.nodes_of), not a field of the run's resources.
+            changes.update({k: getattr(override, k) for k in override.model_fields_set
+                            if k != "nodes" and getattr(override, k) is not None})
         return self.model_copy(update=changes)
 
 

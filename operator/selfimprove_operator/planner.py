@@ -50,7 +50,7 @@ __all__ = [
     "EXIT_BAD_INPUT", "PERMANENT_REASONS", "Observed", "RunIdentity", "StartStage", "SuspendStage", "Event",
     "Action", "Plan", "rfc3339", "parse_time", "immutable_digest", "run_prefix", "stage_prefix", "job_name",
     "set_condition", "condition", "is_terminal", "new_round", "build_task", "record_result", "update_best",
-    "stop_reason", "backoff_seconds", "plan", "shards_of", "selection_score", "pinned_inputs", "record_inputs", "NO_VALIDATION",
+    "stop_reason", "backoff_seconds", "plan", "shards_of", "nodes_of", "selection_score", "pinned_inputs", "record_inputs", "NO_VALIDATION",
 ]
 
 
@@ -225,6 +225,7 @@ def build_task(spec: SelfImproveRunSpec, status: SelfImproveRunStatus, run: RunI
         engine=spec.engine,
         gpus=spec.resources.for_stage(stage).gpus or 0,
         shards=shards_of(spec, stage),
+        nodes=nodes_of(spec, stage),
         inputs=inputs,
         prompting=spec.task,
         pinned=pinned_inputs(spec, status),
@@ -238,6 +239,13 @@ def shards_of(spec: SelfImproveRunSpec, stage: str) -> int:
     """How many shards a stage runs as: its resources' `shards` when the stage kind is
     shardable (the run-level value applies to those only), else 1."""
     return (spec.resources.for_stage(stage).shards or 1) if stage_kind(stage).shardable else 1
+
+
+def nodes_of(spec: SelfImproveRunSpec, stage: str) -> int:
+    """How many nodes a stage trains on: `resources.stages.train.nodes` (the API allows it on
+    that stage only), else 1."""
+    override = getattr(spec.resources.stages, stage, None) if spec.resources.stages is not None else None
+    return getattr(override, "nodes", None) or 1
 
 
 def _note_shards(stage: StageStatus, obs: Observed, total: int) -> None:

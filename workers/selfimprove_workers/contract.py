@@ -34,10 +34,16 @@ from .stage_registry import STAGES, stage
 __all__ = [
     "API_VERSION", "RESULT_FILE", "SUMMARY_LIMIT", "OutputName", "now_rfc3339", "StageName", "RunRef",
     "StorageRef", "ModelRef", "StageInputs", "PinnedInput", "StageTask", "StageResult", "Metric", "full_result",
+    "MULTI_NODE_STAGE", "MAX_NODES",
 ]
 
 # One member per registered stage kind (stage_registry.py), in registration order.
 StageName = Enum("StageName", [(name, name) for name in STAGES], type=str)  # type: ignore[misc]
+
+# The one stage that runs on several nodes: data-parallel training needs every rank at once
+# (a rendezvous), which the other stages' independent rows do not (they shard instead).
+MULTI_NODE_STAGE = "train"
+MAX_NODES = 64
 
 
 class RunRef(WireModel):
@@ -127,6 +133,8 @@ class StageTask(WireModel):
     shard_indexes: list[int] | None = Field(
         None, description="The shards this Job or attempt runs: pod k (JOB_COMPLETION_INDEX=k) runs shard "
         "shardIndexes[k]; none: every shard, pod k runs shard k. A retry carries only the unfinished ones.")
+    nodes: int = Field(1, ge=1, le=MAX_NODES, description="train: nodes (pods of one Indexed Job) training together, "
+                       "data parallel over a c10d rendezvous; `gpus` processes on each. 1 trains on one pod.")
 
     @model_validator(mode="after")
     def _has_what_the_stage_needs(self) -> "StageTask":
@@ -141,6 +149,8 @@ class StageTask(WireModel):
         if self.shards > 1 and not kind.shardable:
             raise ValueError(f"shards: the {self.stage.value} stage cannot be sharded (only "
                              f"{', '.join(n for n, k in STAGES.items() if k.shardable)})")
+        if self.nodes > 1 and self.stage.value != MULTI_NODE_STAGE:
+            raise ValueError(f"nodes: only the train stage runs on several nodes, not {self.stage.value}")
         if self.shard_indexes is not None:
             bad = [i for i in self.shard_indexes if not 0 <= i < self.shards]
             if bad or not self.shard_indexes or len(set(self.shard_indexes)) != len(self.shard_indexes):
@@ -156,6 +166,8 @@ class StageTask(WireModel):
         body.pop("shardIndexes", None)
         if body.get("shards") == 1:
             body.pop("shards")  # a one-shard task keeps the digest it had before sharding existed
+        if body.get("nodes") == 1:
+            body.pop("nodes")   # likewise a one-node task, before multi-node training existed
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
