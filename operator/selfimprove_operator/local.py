@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from selfimprove_workers.contract import StageResult
+from selfimprove_workers.contract import RDZV_ENDPOINT_ENV, RDZV_ID_ENV, StageResult
 from selfimprove_workers.log import PROGRESS_KEY, ProgressRecord, combine_shards, parse_progress
 from selfimprove_workers.redaction import redact, redact_obj
 from selfimprove_workers.runtime import SHARD_INDEX_ENV
@@ -63,7 +63,10 @@ class StageProcess:
     last_message: str | None = None
     metrics: dict = field(default_factory=dict)
     shard: int | None = None
-    # A sharded attempt's processes, one per shard it runs (this one first; empty otherwise).
+    node: int | None = None   # a multi-node attempt's node index
+    first_failed: int | None = None   # a multi-node attempt: the member that failed first
+    stopping_since: float = 0.0
+    # A sharded or multi-node attempt's processes, one per shard or node (this one first; empty otherwise).
     group: list["StageProcess"] = field(default_factory=list)
 
 
@@ -158,23 +161,30 @@ class LocalExecutor:
         shards: list[int | None] = (
             list(task.shard_indexes if task.shard_indexes is not None else range(task.shards))
             if task.shards > 1 else [None])
+        # A multi-node attempt likewise: node k is process k, all rendezvousing at 127.0.0.1 on a
+        # free port, with the Job name as the rendezvous id, as the pods of its Job do.
+        nodes: list[int | None] = list(range(task.nodes)) if task.nodes > 1 else [None]
+        rendezvous = {RDZV_ENDPOINT_ENV: f"127.0.0.1:{_free_port()}", RDZV_ID_ENV: start.job_name} if task.nodes > 1 else {}
+        members = [(k, shard, None) for k, shard in enumerate(shards)] if task.shards > 1 else \
+            [(k, None, node) for k, node in enumerate(nodes)]
         group = []
-        for k, shard in enumerate(shards):
-            stem = start.job_name if shard is None else f"{start.job_name}.shard-{shard:05d}"
+        for k, shard, node in members:
+            stem = (f"{start.job_name}.shard-{shard:05d}" if shard is not None
+                    else f"{start.job_name}.node-{node}" if node is not None else start.job_name)
             result_file = self.workdir / f"{stem}.result.json"
             result_file.unlink(missing_ok=True)
             log_file = self.workdir / f"{stem}.log"
-            env = {**os.environ, "TERMINATION_LOG": str(result_file), "PYTHONUNBUFFERED": "1"}
-            if shard is not None:
+            env = {**os.environ, "TERMINATION_LOG": str(result_file), "PYTHONUNBUFFERED": "1", **rendezvous}
+            if shard is not None or node is not None:
                 env[SHARD_INDEX_ENV] = str(k)
             proc = subprocess.Popen(
                 [*self.stage_command, str(task_file)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                 preexec_fn=_die_with_parent, text=True, bufsize=1,
             )
-            group.append(StageProcess(start, proc, result_file, log_file, shard=shard))
+            group.append(StageProcess(start, proc, result_file, log_file, shard=shard, node=node))
         sp = group[0]
-        sp.group = group if task.shards > 1 else []
+        sp.group = group if len(group) > 1 else []
         self.running[key] = sp
         self.observed[key] = Observed(attempt=start.attempt, state="running")
         for member in group:
@@ -224,12 +234,33 @@ class LocalExecutor:
         """A sharded attempt: running while any shard runs (its finished shards reported), then
         succeeded when every shard did and one of them merged; failed otherwise."""
         codes = [m.proc.poll() for m in sp.group]
+        if sp.node is not None and any(c not in (None, 0) for c in codes) and any(c is None for c in codes):
+            # One node failing fails a multi-node attempt (as its Job does on Kubernetes,
+            # backoffLimit 0): the others would wait on a peer that is gone. SIGTERM first (they
+            # may checkpoint), SIGKILL after 30 s; their codes are collected on a later poll.
+            if sp.first_failed is None:
+                sp.first_failed = next(i for i, c in enumerate(codes) if c not in (None, 0))
+                sp.stopping_since = time.monotonic()
+                for m, c in zip(sp.group, codes, strict=True):
+                    if c is None:
+                        m.proc.terminate()
+            elif time.monotonic() - sp.stopping_since > 30:
+                for m, c in zip(sp.group, codes, strict=True):
+                    if c is None:
+                        m.proc.kill()
+            return False
         done = frozenset(m.shard for m, c in zip(sp.group, codes, strict=True) if c == 0 and m.shard is not None)
         before = self.observed.get(key)
         if any(c is None for c in codes):
             # The stage's progress is its running shards' combined; shards outside this attempt
             # finished in an earlier one.
             task = sp.start.task
+            if sp.node is not None:
+                # Training logs its progress from global rank 0 only: the one node that has it.
+                report = next((m.report for m in sp.group if m.report is not None), None)
+                self.observed[key] = Observed(attempt=sp.start.attempt, state="running",
+                                              progress=report.text() if report else None, report=report)
+                return before is None or before.report != report
             report = combine_shards({m.shard: m.report for m, c in zip(sp.group, codes, strict=True)
                                      if c is None and m.report is not None and m.shard is not None},
                                     task.shards, task.shards - len(sp.group) + len(done))
@@ -243,7 +274,11 @@ class LocalExecutor:
         if all(c == 0 for c in codes) and merged is not None:
             self.observed[key] = Observed(attempt=sp.start.attempt, state="succeeded", result=merged, completed_shards=done)
             return True
-        bad = next(((m, c, r) for m, c, r in zip(sp.group, codes, results, strict=True) if c != 0), None)
+        # A multi-node attempt's first failure is the one that matters: the nodes stopped after it.
+        failures = [(m, c, r) for m, c, r in zip(sp.group, codes, results, strict=True) if c != 0]
+        if (first := sp.first_failed) is not None:
+            failures.sort(key=lambda f: f[0] is not sp.group[first])
+        bad = failures[0] if failures else None
         code: int = 0
         result: StageResult | None = None
         if bad is None:
@@ -252,7 +287,7 @@ class LocalExecutor:
             m, exit_code, result = bad
             code = exit_code if exit_code is not None else 1
             message = (result.message if result and result.message else _tail(m.log_file)) or f"exit code {code}"
-            message = f"shard {m.shard}: {message}"
+            message = f"node {m.node}: {message}" if m.node is not None else f"shard {m.shard}: {message}"
         self.observed[key] = Observed(
             attempt=sp.start.attempt, state="failed", exit_code=code, result=result if bad else None,
             reason=None if code >= 0 else f"Signal{-code}", message=redact(message), completed_shards=done,
@@ -326,6 +361,14 @@ class LocalExecutor:
         status = self._current()
         status.message = "interrupted; run the same command to resume"
         self.store.save(status)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _result_of(sp: StageProcess) -> StageResult | None:

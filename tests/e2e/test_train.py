@@ -436,6 +436,111 @@ def test_two_nodes_rendezvous_over_c10d_and_train_like_one_process(train_model_d
     assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-4)
 
 
+def _node_executor(tmp_path: Path):
+    """A local executor (`selfimprove run`'s) over a throwaway run; the tests hand it one train
+    attempt at a time, as its planner would."""
+    from selfimprove_operator.local import LocalExecutor, local_run
+    from selfimprove_operator.manifest import runs_from_text
+
+    manifest = ("apiVersion: selfimprove.dev/v1alpha1\nkind: SelfImproveRun\nmetadata: {name: nodes}\n"
+                "spec: {strategy: lmsi, model: {base: /m}, storage: {uri: s3://x/},\n"
+                "       data: {questions: /q.jsonl, evaluation: /e.jsonl}}\n")
+    run = local_run(runs_from_text(manifest, "run.yaml")[0], str(tmp_path / "runs"))
+    return LocalExecutor(run, workdir=tmp_path / "work", poll_seconds=0.1)
+
+
+def _run_attempt(ex, task, attempt: int, timeout: float = 600):
+    """Start one attempt of `task` on the local executor; wait for its observation."""
+    import time
+
+    from selfimprove_operator.planner import StartStage
+
+    ex._start(StartStage(task.round, "train", attempt, f"nodes-r1-train-a{attempt}", task))
+    deadline = time.monotonic() + timeout
+    while ex.running and time.monotonic() < deadline:
+        ex._collect()
+        time.sleep(0.1)
+    assert not ex.running, "the attempt did not finish in time"
+    return ex.observed[(task.round, "train")]
+
+
+def _nodes_task(out: Path, model: Path, data: Path, nodes: int, **training):
+    from selfimprove_workers.contract import StageTask
+
+    return StageTask.model_validate({**train_task(out, model, [data], **training).wire(), "nodes": nodes})
+
+
+def _node_logs(ex, attempt: int) -> str:
+    return "".join(p.read_text() for p in sorted((ex.workdir).glob(f"nodes-r1-train-a{attempt}.node-*.log")))
+
+
+@pytest.mark.slow
+def test_a_two_node_train_stage_on_the_local_executor_trains_like_one_node_and_commits_once(train_model_dir, tmp_path):
+    """`nodes: 2` on the local executor: two stage processes (JOB_COMPLETION_INDEX 0 and 1, a c10d
+    rendezvous on 127.0.0.1), one process each with batch 2, take the steps of one process with
+    batch 4, with the same losses; global rank 0's node commits and both report its summary."""
+    pairs = [(a, b) for a in (1, 4, 7) for b in (2, 5, 9)]
+    data = write_jsonl(tmp_path / "kept.jsonl", addition_rows(pairs))
+    single = run_task(train_task(tmp_path / "one", train_model_dir, [data], batchSize=4, epochs=1))
+    ex = _node_executor(tmp_path)
+    task = _nodes_task(tmp_path / "two", train_model_dir, data, 2, batchSize=2, epochs=1)
+    obs = _run_attempt(ex, task, 1)
+    assert obs.state == "succeeded", (obs.message, _node_logs(ex, 1))
+    assert obs.result is not None and obs.result.metrics["steps"] == single.metrics["steps"] == 5
+    assert obs.result.metrics["trainLoss"] == pytest.approx(single.metrics["trainLoss"], rel=1e-4)
+    summaries = [json.loads(p.read_text()) for p in sorted(ex.workdir.glob("nodes-r1-train-a1.node-*.result.json"))]
+    assert len(summaries) == 2 and summaries[0] == summaries[1]   # the follower reports the leader's
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["worldSize"] == 2 and one["worldSize"] == 1
+    assert [h["batch"] for h in two["history"]] == [h["batch"] for h in one["history"]]
+    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-4)
+    marker = json.loads((tmp_path / "two" / "_SUCCESS").read_text())
+    assert marker["task"] == task.digest()
+    assert "global rank 0's node commits the outputs" in _node_logs(ex, 1)
+
+
+@pytest.mark.slow
+def test_a_killed_two_node_attempt_resumes_from_its_checkpoint_on_two_nodes(train_model_dir, tmp_path, monkeypatch):
+    """Both nodes of attempt 1 die hard after epoch 1's checkpoint (the preemption stand-in,
+    SELFIMPROVE_TEST_EXIT_AFTER_EPOCH); the checkpoint holds both ranks' RNG states, and attempt 2
+    (a new rendezvous id) resumes from it and ends with the losses and adapter of an uninterrupted
+    two-node run — dropout on, so each rank's restored RNG stream matters."""
+    from safetensors.torch import load_file
+
+    pairs = [(a, b) for a in (1, 4, 7) for b in (2, 5, 9)]
+    data = write_jsonl(tmp_path / "kept.jsonl", addition_rows(pairs))
+    settings = dict(batchSize=2, epochs=2, lora={"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]})
+    ex = _node_executor(tmp_path)
+    ref = _run_attempt(ex, _nodes_task(tmp_path / "ref", train_model_dir, data, 2, **settings), 1)
+    assert ref.state == "succeeded", (ref.message, _node_logs(ex, 1))
+
+    task = _nodes_task(tmp_path / "two", train_model_dir, data, 2, **settings)
+    monkeypatch.setenv("SELFIMPROVE_TEST_EXIT_AFTER_EPOCH", "1")
+    failed = _run_attempt(ex, task, 2)
+    assert failed.state == "failed" and failed.message and failed.message.startswith("node "), failed.message
+    assert not (tmp_path / "two" / "_SUCCESS").exists()
+    ckpt_dir = tmp_path / "two" / checkpoint.CHECKPOINTS_DIR / "epoch-1"
+    assert (ckpt_dir / checkpoint.COMPLETE_MARKER).exists()
+    assert (ckpt_dir / "rng-0.pt").exists() and (ckpt_dir / "rng-1.pt").exists()   # every rank's
+
+    monkeypatch.delenv("SELFIMPROVE_TEST_EXIT_AFTER_EPOCH")
+    done = _run_attempt(ex, task, 3)
+    assert done.state == "succeeded", (done.message, _node_logs(ex, 3))
+    assert done.result is not None and done.result.metrics["resumedFromEpoch"] == 1
+    assert "resuming after epoch 1 (step 5)" in _node_logs(ex, 3)
+    want = json.loads((tmp_path / "ref" / "metrics.json").read_text())["history"]
+    got = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in got] == list(range(1, 11))
+    assert [h["batch"] for h in got] == [h["batch"] for h in want]
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-4)
+    a = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in b:
+        assert np.allclose(a[k].numpy(), b[k].numpy(), rtol=1e-4, atol=1e-6), k
+
+
 # --------------------------------------------------------------------------- serving the adapter
 @pytest.mark.slow
 @pytest.mark.vllm

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 from selfimprove_operator.crd import build_crd
@@ -116,3 +118,38 @@ def test_planner_gives_train_its_nodes():
     sim.finish(1, f.stage)
     [t] = sim.step().starts
     assert (t.stage, t.task.nodes) == ("train", 2)
+
+
+@pytest.mark.parametrize("env, field", [
+    ({}, "SELFIMPROVE_RDZV_ENDPOINT"),
+    ({"SELFIMPROVE_RDZV_ENDPOINT": "node0"}, "SELFIMPROVE_RDZV_ENDPOINT"),
+    ({"SELFIMPROVE_RDZV_ENDPOINT": "node0:29400"}, "SELFIMPROVE_RDZV_ID"),
+    ({"SELFIMPROVE_RDZV_ENDPOINT": "node0:29400", "SELFIMPROVE_RDZV_ID": "j", "JOB_COMPLETION_INDEX": "x"},
+     "JOB_COMPLETION_INDEX"),
+    ({"SELFIMPROVE_RDZV_ENDPOINT": "node0:29400", "SELFIMPROVE_RDZV_ID": "j", "JOB_COMPLETION_INDEX": "2"},
+     "JOB_COMPLETION_INDEX"),
+])
+def test_a_node_without_its_rendezvous_settings_is_bad_input_naming_the_variable(monkeypatch, env, field):
+    from selfimprove_workers.errors import BadInput
+    from selfimprove_workers.stages.train import _rendezvous
+
+    for name in ("SELFIMPROVE_RDZV_ENDPOINT", "SELFIMPROVE_RDZV_ID", "JOB_COMPLETION_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(BadInput, match=f"^{field}: "):
+        _rendezvous(2)
+
+
+def test_a_node_reads_its_rendezvous_from_the_environment(monkeypatch):
+    from selfimprove_workers.stages.train import _rendezvous, torchrun_command
+
+    monkeypatch.setenv("SELFIMPROVE_RDZV_ENDPOINT", "j-0.j:29400")
+    monkeypatch.setenv("SELFIMPROVE_RDZV_ID", "j")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    nodes, index, endpoint, rdzv_id = _rendezvous(2)
+    assert (nodes, index, endpoint, rdzv_id) == (2, 1, "j-0.j:29400", "j")
+    cmd = torchrun_command(Path("/job"), 4, nodes=nodes, node_rank=index, endpoint=endpoint, rdzv_id=rdzv_id)
+    i = cmd.index("--rdzv_endpoint")
+    assert cmd[i + 1] == "j-0.j:29400" and cmd[cmd.index("--rdzv_id") + 1] == "j"
+    assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--nproc_per_node") + 1] == "4"

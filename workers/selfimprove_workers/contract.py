@@ -34,7 +34,7 @@ from .stage_registry import STAGES, stage
 __all__ = [
     "API_VERSION", "RESULT_FILE", "SUMMARY_LIMIT", "OutputName", "now_rfc3339", "StageName", "RunRef",
     "StorageRef", "ModelRef", "StageInputs", "PinnedInput", "StageTask", "StageResult", "Metric", "full_result",
-    "MULTI_NODE_STAGE", "MAX_NODES",
+    "MULTI_NODE_STAGE", "MAX_NODES", "RDZV_ENDPOINT_ENV", "RDZV_ID_ENV", "RDZV_PORT",
 ]
 
 # One member per registered stage kind (stage_registry.py), in registration order.
@@ -44,6 +44,12 @@ StageName = Enum("StageName", [(name, name) for name in STAGES], type=str)  # ty
 # (a rendezvous), which the other stages' independent rows do not (they shard instead).
 MULTI_NODE_STAGE = "train"
 MAX_NODES = 64
+# Set on every node of a multi-node stage by its Job (operator k8s/jobs.py) or the local
+# executor: where node 0 hosts the c10d rendezvous (`<job>-0.<service>:29400` on Kubernetes) and
+# its id (the Job's name: one per attempt, so a retried Job never joins the one before it).
+RDZV_ENDPOINT_ENV = "SELFIMPROVE_RDZV_ENDPOINT"
+RDZV_ID_ENV = "SELFIMPROVE_RDZV_ID"
+RDZV_PORT = 29400
 
 
 class RunRef(WireModel):

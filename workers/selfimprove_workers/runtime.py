@@ -52,6 +52,9 @@ class StageOutcome:
     metrics: dict[str, float | int | str | bool] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    # A node of a multi-node stage that did not hold global rank 0: that node commits, this one
+    # writes nothing and reports the committed summary (`_follow`).
+    follower: bool = False
 
 
 class StageContext:
@@ -233,7 +236,8 @@ def run_task(task: StageTask, stage_fn: StageFn | None = None, merge_fn: MergeFn
         if result is None:
             where = f"shard {shard}/{task.shards} " if shard is not None else ""
             ctx.log.info(f"{task.stage.value} round {task.round} attempt {task.attempt} {where}→ {ctx.prefix}")
-            result = _commit(ctx, run(ctx), pinned, started, t0)
+            outcome = run(ctx)
+            result = _follow(top, pinned) if outcome.follower else _commit(ctx, outcome, pinned, started, t0)
         else:
             ctx.log.info(f"{task.stage.value}: shard {shard} already complete; merging if it is the last")
         if shard is None:
@@ -248,6 +252,23 @@ def run_task(task: StageTask, stage_fn: StageFn | None = None, merge_fn: MergeFn
         dirs = [shard_prefix(task, i) for i in range(task.shards)]
         top.log.info(f"{task.stage.value}: all {task.shards} shards committed; merging")
         return _commit(top, merge(top, dirs), pinned, started, t0)
+
+
+FOLLOW_TIMEOUT_ENV = "SELFIMPROVE_FOLLOW_TIMEOUT"
+
+
+def _follow(top: StageContext, pinned: dict[str, str]) -> StageResult:
+    """A follower node's result: the leader's committed summary, waited for (it uploads after
+    the training processes of every node have exited). Reporting the same summary, not one of
+    its own, means whichever pod's termination message the control plane reads is the stage's
+    result; a leader that never commits fails this node too, as the attempt has failed."""
+    timeout = float(os.environ.get(FOLLOW_TIMEOUT_ENV, "900"))
+    deadline = time.monotonic() + timeout
+    while (done := _already_done(top)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the node of global rank 0 did not commit {top.task.output} within {timeout:.0f}s")
+        time.sleep(1.0)
+    return done.model_copy(update={"skipped": False, "inputs": pinned})
 
 
 def _shard_committed(top: StageContext, shard: int) -> bool:

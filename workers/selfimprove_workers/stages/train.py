@@ -25,6 +25,15 @@ Several GPUs: with `gpus > 1` the stage prepares the data once, then re-launches
 process per GPU (DDP through accelerate's `Accelerator`), and uploads what the main process wrote.
 `SELFIMPROVE_TRAIN_PROCESSES=N` forces N processes (on CPU: gloo), to exercise that path
 without GPUs. On CPU or one GPU, training runs in this process.
+
+Several nodes (`nodes > 1`: the pods of one Indexed Job, or the local executor's processes):
+every node prepares the data and launches torchrun with c10d rendezvous at
+`$SELFIMPROVE_RDZV_ENDPOINT` (node 0's pod under the Job's headless Service), id
+`$SELFIMPROVE_RDZV_ID` (the Job's name, one per attempt), `gpus` processes on each node; the node
+index is `$JOB_COMPLETION_INDEX`. The node whose torchrun ran global rank 0 (c10d orders nodes by
+address, not by index) uploads and commits; the others write nothing and report its committed
+summary (`StageOutcome.follower`). Every rank uploads its own RNG state with each checkpoint,
+so a retry on the same number of nodes restores each rank's stream.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..contract import OutputName
+from ..contract import RDZV_ENDPOINT_ENV, RDZV_ID_ENV, OutputName
 from ..errors import BadInput, Terminated
 from ..runtime import StageContext, StageOutcome
 from ..training import checkpoint, events
@@ -46,6 +55,7 @@ from ..training.data import encode_examples, load_exemplars, load_training_rows,
 from ..training.events import write_train_events
 
 PROCESSES_ENV = "SELFIMPROVE_TRAIN_PROCESSES"
+NODE_INDEX_ENV = "JOB_COMPLETION_INDEX"
 METRICS = "metrics.json"
 WORKER_MODULE = "selfimprove_workers.stages.train_worker"
 
@@ -103,8 +113,15 @@ def run(ctx: StageContext) -> StageOutcome:
         out_dir=str(ctx.workdir / "out"), work_dir=str(ctx.workdir / "scratch"), pad_id=int(pad_id),
     )
     processes = _processes(task.gpus, ctx)
-    if processes > 1:
-        outcome: dict[str, Any] | None = _launch(job, examples, processes, ctx)
+    if task.nodes > 1:
+        outcome = _launch(job, examples, processes, ctx, rendezvous=_rendezvous(task.nodes))
+        if outcome is None:
+            # This node holds no global rank 0: that node uploads and commits; this one reports
+            # the committed result once it exists (runtime.run_task, `follower`).
+            ctx.log.info("training done on this node; global rank 0's node commits the outputs")
+            return StageOutcome(follower=True)
+    elif processes > 1:
+        outcome = _launch(job, examples, processes, ctx)
     else:
         from ..training.loop import train
 
@@ -138,6 +155,25 @@ def _processes(gpus: int, ctx: StageContext) -> int:
     return max(1, min(gpus, visible))
 
 
+def _rendezvous(nodes: int) -> tuple[int, int, str, str]:
+    """(nodes, this node's index, endpoint, id) of a multi-node task, from the environment its
+    Job (or the local executor) sets; a missing or bad value is BadInput naming the variable."""
+    endpoint, rdzv_id = os.environ.get(RDZV_ENDPOINT_ENV), os.environ.get(RDZV_ID_ENV)
+    if not endpoint or ":" not in endpoint:
+        raise BadInput(f"{RDZV_ENDPOINT_ENV}: {endpoint!r} is not host:port; nodes is {nodes}, and node 0's "
+                       "rendezvous endpoint must be set")
+    if not rdzv_id:
+        raise BadInput(f"{RDZV_ID_ENV}: must be set (the Job's name) when nodes is {nodes}")
+    text = os.environ.get(NODE_INDEX_ENV, "")
+    try:
+        index = int(text)
+    except ValueError:
+        raise BadInput(f"{NODE_INDEX_ENV}: {text!r} is not an integer (this node's index)") from None
+    if not 0 <= index < nodes:
+        raise BadInput(f"{NODE_INDEX_ENV}: {index} is out of range for nodes {nodes}")
+    return nodes, index, endpoint, rdzv_id
+
+
 def torchrun_command(job_dir: Path, processes: int, nodes: int = 1, node_rank: int = 0,
                      endpoint: str | None = None, rdzv_id: str | None = None) -> list[str]:
     """The torchrun command line of one node. One node: `--standalone` (a local store). Several
@@ -158,8 +194,11 @@ def torchrun_command(job_dir: Path, processes: int, nodes: int = 1, node_rank: i
             "-m", WORKER_MODULE, str(job_dir)]
 
 
-def _launch(job: Any, examples: Any, processes: int, ctx: StageContext) -> dict[str, Any]:
-    """Run `train_worker` in `processes` data-parallel processes; return the main one's outcome."""
+def _launch(job: Any, examples: Any, processes: int, ctx: StageContext,
+            rendezvous: tuple[int, int, str, str] | None = None) -> dict[str, Any] | None:
+    """Run `train_worker` in `processes` data-parallel processes (on this node of `rendezvous`:
+    nodes, index, endpoint, id); return the main process's outcome, or None when global rank 0
+    ran on another node."""
     job_dir = ctx.workdir / "job"
     job_dir.mkdir(parents=True, exist_ok=True)
     job.save(job_dir / "job.json")
@@ -167,7 +206,11 @@ def _launch(job: Any, examples: Any, processes: int, ctx: StageContext) -> dict[
     # torchrun is what `accelerate launch --multi_gpu` runs underneath; calling it directly works
     # the same on CPU (gloo), where accelerate would want MPI. `Accelerator` in each process
     # reads the rank and world size torchrun sets, and the precision comes from the code.
-    cmd = torchrun_command(job_dir, processes)
+    if rendezvous is None:
+        cmd = torchrun_command(job_dir, processes)
+    else:
+        nodes, index, endpoint, rdzv_id = rendezvous
+        cmd = torchrun_command(job_dir, processes, nodes=nodes, node_rank=index, endpoint=endpoint, rdzv_id=rdzv_id)
     ctx.log.info(f"launching {processes} training processes: {' '.join(cmd[2:])}")
     # In a pod only PID 1 (this process) gets the kubelet's SIGTERM: hand it to torchrun, whose
     # agent forwards it to every training process; they stop together at a step boundary.
@@ -189,4 +232,7 @@ def _launch(job: Any, examples: Any, processes: int, ctx: StageContext) -> dict[
         raise RuntimeError(f"training process failed: {err['message']}")
     if rc != 0:
         raise RuntimeError(f"training processes exited with code {rc}")
-    return json.loads((Path(job.out_dir) / "outcome.json").read_text())
+    outcome = Path(job.out_dir) / "outcome.json"
+    if rendezvous is not None and not outcome.exists():
+        return None  # the main process (global rank 0) is on another node
+    return json.loads(outcome.read_text())

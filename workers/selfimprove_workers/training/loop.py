@@ -46,6 +46,7 @@ from ..constants import EXIT_KILLED, LORA_ATTENTION_MODULES
 from ..contract import StageTask
 from ..errors import BadInput, Terminated
 from ..spec import LoraSpec
+from ..storage import join_uri
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, EncodedExamples, batch_digest, plan_epoch
 
@@ -262,7 +263,10 @@ def train(job: TrainJob, examples: EncodedExamples) -> dict[str, Any] | None:
     params = [p for p in wrapped.parameters() if p.requires_grad]
 
     if resume:
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=acc.device, weights_only=True))
+        # Accelerate names a CPU process's device `cpu:<local rank>` under torchrun, which
+        # torch.load cannot map to: plain "cpu" on CPU.
+        where = acc.device if acc.device.type != "cpu" else torch.device("cpu")
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=where, weights_only=True))
         scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=True))
         rng_file = resume / f"rng-{rank}.pt"
         if rng_file.exists():
@@ -461,7 +465,17 @@ def _checkpoint(acc, wrapped, optimizer, scheduler, state, work_dir: Path, stora
     epoch = state["epoch"]
     local = work_dir / f"checkpoint-{ckpt.checkpoint_name(epoch, step)}"
     local.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), local / f"rng-{acc.process_index}.pt")  # every process its own
+    rng_name = f"rng-{acc.process_index}.pt"
+    if acc.is_main_process:
+        torch.save(_rng_state(), local / rng_name)
+    else:
+        # Every process uploads its own RNG state: on several nodes the others' work_dir is not
+        # the main process's disk, so it could not upload them. Before the barrier, so all of
+        # them are in storage before the main process writes the marker.
+        mine = work_dir / f"{rng_name}.{ckpt.checkpoint_name(epoch, step)}"
+        torch.save(_rng_state(), mine)
+        storage.write_bytes(join_uri(ckpt.checkpoint_uri(output, epoch, step), rng_name), mine.read_bytes())
+        mine.unlink()
     if acc.is_main_process:
         acc.unwrap_model(wrapped).peft.save_pretrained(local / "adapter", safe_serialization=True)
         torch.save(optimizer.state_dict(), local / "optimizer.pt")

@@ -1,0 +1,38 @@
+"""A stand-in worker for multi-node stages on the local executor: the real runtime around
+tests/fake_stage.py's body, except that a task with nodes > 1 checks what each node gets (its
+index, the rendezvous endpoint and id), records it, and behaves as a node of a real training
+would: node 0 commits, the others return `follower` and report node 0's committed summary.
+
+FAKE_NODE_LEDGER: the file each node appends `round:stage:attempt:node<k>:<rdzv id>:<endpoint>` to.
+FAKE_NODE_FAIL=<attempt>:node<k>: that node fails; the other nodes then wait on their lost peer
+(as a collective would) until the executor stops them."""
+
+import os
+import sys
+import time
+
+from fake_stage import body as plain_body
+from fake_stage import merge
+from selfimprove_workers import runtime
+from selfimprove_workers.runtime import StageOutcome
+
+
+def body(ctx) -> StageOutcome:
+    task = ctx.task
+    if task.nodes <= 1:
+        return plain_body(ctx)
+    k = int(os.environ["JOB_COMPLETION_INDEX"])
+    endpoint, rdzv_id = os.environ["SELFIMPROVE_RDZV_ENDPOINT"], os.environ["SELFIMPROVE_RDZV_ID"]
+    with open(os.environ["FAKE_NODE_LEDGER"], "a") as f:
+        f.write(f"{task.round}:{task.stage.value}:{task.attempt}:node{k}:{rdzv_id}:{endpoint}\n")
+    fail = os.environ.get("FAKE_NODE_FAIL", "")
+    if fail == f"{task.attempt}:node{k}":
+        time.sleep(0.5)
+        raise RuntimeError("lost the connection to a peer")
+    if fail.startswith(f"{task.attempt}:"):
+        time.sleep(600)   # a collective waiting on the failed node
+    return plain_body(ctx) if k == 0 else StageOutcome(follower=True)
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.main([sys.argv[1]], stage_fn=body, merge_fn=merge))
