@@ -92,6 +92,7 @@ JOBS = "batch/v1/jobs"
 PODS = "v1/pods"
 EVENTS = "v1/events"
 SECRETS = "v1/secrets"
+SERVICES = "v1/services"
 PEERING_NAME = "selfimprove"
 CRD_FILE = Path(__file__).resolve().parents[1] / "charts" / "selfimprove" / "crds" / "selfimprove.dev_selfimproveruns.yaml"
 
@@ -238,6 +239,7 @@ if kmock is not None:
         PODS: dict(kind="Pod", singular="pod", namespaced=True, subresources={"status", "log"}),
         EVENTS: dict(kind="Event", singular="event", namespaced=True),
         SECRETS: dict(kind="Secret", singular="secret", namespaced=True),
+        SERVICES: dict(kind="Service", singular="service", namespaced=True, subresources={"status"}),
         "v1/namespaces": dict(kind="Namespace", singular="namespace", namespaced=False, subresources={"status"}),
         "kopf.dev/v1/kopfpeerings": dict(kind="KopfPeering", singular="kopfpeering", namespaced=True),
         "kopf.dev/v1/clusterkopfpeerings": dict(kind="ClusterKopfPeering", singular="clusterkopfpeering", namespaced=False),
@@ -892,8 +894,15 @@ class FakeCluster:
         run on, and the Job fails (FailedIndexes) once every index finished; without it, a failure
         beyond backoffLimit fails the Job at once and its running pods are deleted."""
         ns, name, spec = job["metadata"]["namespace"], job["metadata"]["name"], job["spec"]
-        indexes = task.shard_indexes if task.shard_indexes is not None else list(range(task.shards))
+        nodes = task.nodes > 1
+        indexes = (list(range(task.nodes)) if nodes else
+                   task.shard_indexes if task.shard_indexes is not None else list(range(task.shards)))
         assert spec["completions"] == spec["parallelism"] == len(indexes), spec
+        rendezvous: str | None = None
+        if nodes:
+            # Multi-node training: the nodes find node 0 through the headless Service named by
+            # the pods' subdomain, selecting them; without it they time out at the rendezvous.
+            rendezvous = await self._node_service(job)
         script = self.script_for(job, task)
         scripts = script if isinstance(script, Indexed) else Indexed(default=script)
         per_index = spec.get("backoffLimitPerIndex")
@@ -918,6 +927,8 @@ class FakeCluster:
             while True:
                 step = scripts.script(k, tries)
                 assert isinstance(step, (Succeed, Fail)), f"{name} index {k}: an Indexed Job's pods run Succeed or Fail, not {step!r}"
+                if nodes and rendezvous is not None:
+                    step = Fail(log=f"RendezvousTimeoutError: {rendezvous}")
                 pods[k] = pod = await self._new_pod(job, index=k)
                 started = _now()
                 self.pods_started += 1
@@ -925,6 +936,15 @@ class FakeCluster:
                     {"name": "worker", "ready": True, "restartCount": 0, "state": {"running": {"startedAt": started}}}]})
                 if step.seconds:
                     await asyncio.sleep(step.seconds)
+                if isinstance(step, Succeed) and nodes:
+                    # Every node reports the one committed result (global rank 0's node commits).
+                    summary = await self._result(task, step, shard=None)
+                    await self._pod_status(ns, pod, {"phase": "Succeeded", "containerStatuses": [
+                        {"name": "worker", "ready": False, "restartCount": 0, "state": {"terminated": {
+                            "exitCode": 0, "reason": "Completed", "message": summary, "startedAt": started, "finishedAt": _now()}}}]})
+                    completed.add(k)
+                    await job_status()
+                    return
                 if isinstance(step, Succeed):
                     marks = self.shard_markers.setdefault(task.output, set())
                     marks.add(shard)
@@ -984,6 +1004,29 @@ class FakeCluster:
         await job_status(active=0, conditions=[
             {"type": "FailureTarget", "status": "True", "reason": reason, "lastTransitionTime": now},
             {"type": "Failed", "status": "True", "reason": reason, "lastTransitionTime": now, "message": message}])
+
+    async def _node_service(self, job: dict[str, Any], timeout: float = 5.0) -> str | None:
+        """None once the Service of the pods' subdomain exists, is headless and selects this Job's
+        pods (by `batch.kubernetes.io/job-name`, which the Job controller sets); else why not."""
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        subdomain = job["spec"]["template"]["spec"].get("subdomain")
+        if not subdomain:
+            return f"{name}: the pods have no subdomain, so node 0 has no DNS name"
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            found = [s for s in self.server.find(SERVICES, ns) if s["metadata"]["name"] == subdomain]
+            if found:
+                svc = found[0]["spec"]
+                pod_labels = {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": name}
+                selector = svc.get("selector") or {}
+                if svc.get("clusterIP") != "None":
+                    return f"Service {subdomain} is not headless"
+                if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
+                    return f"Service {subdomain} does not select the pods of {name}"
+                return None
+            if asyncio.get_running_loop().time() > deadline:
+                return f"no Service {subdomain}: {name}-0.{subdomain} does not resolve"
+            await asyncio.sleep(0.05)
 
     async def _released(self, job: str) -> Any:
         fut = self.released.setdefault(job, asyncio.get_running_loop().create_future())

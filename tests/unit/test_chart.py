@@ -21,6 +21,9 @@ from chart_render import CHART, NAMESPACE, RELEASE, SCENARIOS, render
 
 ROOT = Path(__file__).resolve().parents[2]
 USAGE = ROOT / "tests" / "data" / "operator-api-usage.json"
+# What a multi-node training run adds (the Service of its Job), recorded by
+# tests/integration/test_operator_nodes.py the same way.
+NODES_USAGE = ROOT / "tests" / "data" / "operator-api-usage-nodes.json"
 OPERATOR_CONFIG = ROOT / "operator" / "selfimprove_operator" / "k8s" / "config.py"
 
 try:  # the native library may fail to load, not only to import
@@ -427,7 +430,8 @@ def test_rbac_is_narrow(scenario):
 
 def load_usage() -> set[tuple[str, str, str]]:
     require(USAGE.exists(), f"{USAGE} (recorded by the operator's tests) does not exist yet")
-    entries = json.loads(USAGE.read_text())
+    require(NODES_USAGE.exists(), f"{NODES_USAGE} (recorded by the operator's tests) does not exist yet")
+    entries = json.loads(USAGE.read_text()) + json.loads(NODES_USAGE.read_text())
     out = set()
     for e in entries:
         group = "" if e["group"] in ("core", "v1") else e["group"]

@@ -253,7 +253,9 @@ def sharded_jobs(per_index: bool) -> tuple[tuple[str, dict], ...]:
             task = StageTask.model_validate({**start.task.wire(), "shards": 4, "shardIndexes": indexes})
             sharded = dataclasses.replace(start, task=task)
             out.append((f"{start.job_name} shards {indexes or 'all'}", build_job(run_object(), spec, sharded, config)))
-    assert {job["metadata"]["labels"]["selfimprove.dev/stage"] for _, job in out} == {"sample", "evaluate"}
+    # Every shardable stage the run starts (the registry decides which: sample and evaluate at least).
+    assert {job["metadata"]["labels"]["selfimprove.dev/stage"] for _, job in out} == \
+        {s.stage for s in sim.starts if STAGES[s.stage].shardable} >= {"sample", "evaluate"}
     return tuple(out)
 
 
@@ -271,6 +273,87 @@ def test_backoff_limit_per_index_is_refused_by_the_oldest_schema():
     """Why the operator setting exists: 1.27's API server does not know the field."""
     job = sharded_jobs(True)[0][1]
     assert any("backoffLimitPerIndex" in p for p in k8s_schemas.problems(job, VERSIONS[0]))
+
+
+# ============================================================================== multi-node training
+@functools.cache
+def multi_node_objects(run_name: str = "demo") -> tuple[tuple[str, dict], ...]:
+    """(label, object) of a train stage on 4 nodes: its Indexed Job (first attempt and a retry,
+    Kueue on) and the headless Service the operator creates for it (given the Job's uid)."""
+    from selfimprove_operator.k8s.jobs import build_service
+    from selfimprove_operator.planner import job_name
+
+    config = OperatorConfig(metrics_port=None)
+    spec = config.with_run_defaults(run_spec("lmsi", {"backoffLimit": 3, "queueName": "team-a", "gpus": 8,
+                                                      "stages": {"train": {"nodes": 4}}}, {}))
+    sim = Sim(spec, RunIdentity(name=run_name, namespace="team-a", uid=UID, generation=1))
+    sim.run_to_end()
+    out: list[tuple[str, dict]] = []
+    for start in sim.starts:
+        if start.stage != "train":
+            continue
+        for attempt in (1, 2):
+            again = dataclasses.replace(start, attempt=attempt, job_name=job_name(run_name, start.round, "train", attempt),
+                                        task=start.task.model_copy(update={"attempt": attempt}))
+            job = build_job(run_object(run_name), spec, again, config)
+            created = {**job, "metadata": {**job["metadata"], "uid": f"0000000{attempt}-aaaa-bbbb-cccc-dddddddddddd"}}
+            out += [(f"{again.job_name} Job", job), (f"{again.job_name} Service", build_service(created))]
+    assert len(out) == 4
+    return tuple(out)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_multi_node_train_job_and_its_service_are_valid(version):
+    check(list(multi_node_objects()), version)
+    # A digit first (no Service name), the longest run name: pod hostnames `<job>-<k>` stay labels.
+    long = multi_node_objects("7" + "r" * (MAX_RUN_NAME - 1))
+    check(list(long), version)
+    assert all(len(job["metadata"]["name"] + "-63") <= 63 for label, job in long if label.endswith(" Job"))
+
+
+def test_a_multi_node_train_stage_is_one_indexed_job_with_a_headless_service():
+    from selfimprove_operator.k8s.jobs import rendezvous_endpoint, service_name
+
+    objects = dict(multi_node_objects())
+    for label, job in objects.items():
+        if not label.endswith(" Job"):
+            continue
+        name = job["metadata"]["name"]
+        spec, pod = job["spec"], job["spec"]["template"]["spec"]
+        service = objects[label[:-len(" Job")] + " Service"]
+        assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
+        # A gang: the first failed pod fails the Job whatever resources.backoffLimit (3) says.
+        assert spec["backoffLimit"] == 0 and "backoffLimitPerIndex" not in spec
+        assert [r["action"] for r in spec["podFailurePolicy"]["rules"]] == ["Ignore", "FailJob"]
+        assert job["metadata"]["annotations"]["selfimprove.dev/nodes"] == "4"
+        assert pod["subdomain"] == service["metadata"]["name"] == service_name(name)
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["SELFIMPROVE_RDZV_ENDPOINT"] == rendezvous_endpoint(name) == f"{name}-0.{service_name(name)}:29400"
+        assert env["SELFIMPROVE_RDZV_ID"] == name   # per attempt: a retry never joins its predecessor
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"   # per node
+        assert spec["suspend"] is True   # Kueue admits all the nodes at once
+        svc = service["spec"]
+        assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
+        assert svc["selector"] == {"batch.kubernetes.io/job-name": name}
+        assert [p["port"] for p in svc["ports"]] == [29400]
+        [owner] = service["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["controller"]) == ("Job", name, True)
+        assert "kueue.x-k8s.io/queue-name" not in service["metadata"]["labels"]
+    # A one-node train Job is exactly the Job of before.
+    plain = {label: job for label, job in jobs_of("operator-defaults") if label.startswith("lmsi ") and "-train" in label}
+    assert plain
+    for job in plain.values():
+        assert not {"completionMode", "completions", "parallelism"} & set(job["spec"])
+        assert "subdomain" not in job["spec"]["template"]["spec"]
+
+
+def test_service_names_are_dns_1035_labels():
+    from selfimprove_operator.k8s.jobs import service_name
+
+    assert service_name("demo-r1-train-a2") == "demo-r1-train-a2"
+    odd = service_name("7up-r1-train")
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", odd) and odd == service_name("7up-r1-train")
+    assert service_name("7up-r1-train") != service_name("7up-r2-train")
 
 
 def test_a_sharded_stage_is_one_indexed_job():

@@ -13,11 +13,12 @@ import logging
 from typing import cast
 
 from ..api import SelfImproveRunSpec, SelfImproveRunStatus
-from ..planner import Observed, RunIdentity, StartStage
+from ..planner import Observed, RunIdentity, StartStage, nodes_of
 from .bodies import JobBody
 from .cache import RunKey, RunState
 from .config import OperatorConfig
-from .desired import jobs_to_create, jobs_to_delete
+from .desired import jobs_to_create, jobs_to_delete, running_stages
+from .jobs import build_service, service_name
 from .kube import ApiError, Kube, job_path
 from .metrics import Metrics
 from .observe import controller_uid, slim_job
@@ -38,6 +39,8 @@ class JobActuator:
         self.kube = kube
         self.config = config
         self.metrics = metrics
+        # (namespace, Job uid) of the multi-node Jobs whose Service this process has made.
+        self._services: set[tuple[str, str]] = set()
 
     @property
     def _kube(self) -> Kube:
@@ -73,7 +76,33 @@ class JobActuator:
             self.metrics.jobs_created.inc()
             logger.info(f"{namespace}/{key[1]}: created Job {start.job_name} "
                         f"(round {start.round} {start.stage}, attempt {start.attempt})")
+        await self._ensure_services(key, state, spec, status)
         return requeue
+
+    async def _ensure_services(self, key: RunKey, state: RunState, spec: SelfImproveRunSpec,
+                               status: SelfImproveRunStatus) -> None:
+        """The headless Service of every running multi-node Job (jobs.build_service), made once
+        per Job per operator process: right after the Job, and again after a restart (the
+        operator may have died between the two creates; 409 means it exists). It needs the
+        Job's uid (its owner), so it follows the Job rather than preceding it; the nodes wait
+        for node 0's name to resolve meanwhile (torchrun's join timeout)."""
+        namespace = key[0]
+        for _, st in running_stages(status):
+            job = state.jobs.get(st.job) if st.job else None
+            if job is None or not st.job or nodes_of(spec, st.name) <= 1:
+                continue
+            uid = job["metadata"].get("uid")
+            if not uid or (namespace, uid) in self._services or job["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                await self._kube.create(service_path(namespace), build_service(job))
+            except ApiError as exc:
+                if exc.status != 409:
+                    # Retried on the next pass; the Job's nodes keep waiting for the name.
+                    logger.warning(f"{namespace}/{key[1]}: creating the Service of Job {st.job} failed: {exc}")
+                    continue
+            self._services.add((namespace, uid))
+            logger.info(f"{namespace}/{key[1]}: created Service {service_name(st.job)} for the nodes of Job {st.job}")
 
     async def _not_created(self, key: RunKey, state: RunState, start: StartStage, exc: ApiError) -> bool:
         """Handle a refused create; True when the refusal is recorded for the next plan."""
@@ -107,3 +136,7 @@ class JobActuator:
                 if not exc.not_found:
                     raise
             logger.info(f"{key[0]}/{key[1]}: deleted Job {name} ({why})")
+
+
+def service_path(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/services"

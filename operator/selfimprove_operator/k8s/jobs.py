@@ -12,11 +12,14 @@ the run's Secret through `secretKeyRef`; the operator only names the Secret, it 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from selfimprove_workers.constants import EXIT_BAD_INPUT, JUDGE_API_KEY_ENV, TEACHER_API_KEY_ENV
+from selfimprove_workers.contract import RDZV_ENDPOINT_ENV, RDZV_ID_ENV, RDZV_PORT
 
 from ..api import API_VERSION, KIND, SelfImproveRunSpec
 from ..planner import StartStage
@@ -35,6 +38,8 @@ SHARD_INDEXES_ANNOTATION = LABEL_PREFIX + "shard-indexes"
 # Set by the Job controller on the pods of an Indexed Job (the label since 1.28, the annotation always).
 COMPLETION_INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+NODES_ANNOTATION = LABEL_PREFIX + "nodes"
+RDZV_PORT_NAME = "rendezvous"
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")  # set on pods by the Job controller
 CONTAINER = "worker"
 SHM_VOLUME = "dshm"
@@ -203,6 +208,8 @@ def build_job(run: Mapping[str, Any], spec: SelfImproveRunSpec, start: StartStag
     }
     if start.task.shards > 1:
         _shard(job_meta, job_spec, start, res.backoff_limit, config)
+    if start.task.nodes > 1:
+        _multi_node(job_meta, job_spec, start)
     if res.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = res.active_deadline_seconds
     if res.ttl_seconds_after_finished is not None:
@@ -236,3 +243,76 @@ def _shard(job_meta: dict[str, Any], job_spec: dict[str, Any], start: StartStage
         # failures together.
         del job_spec["backoffLimit"]
         job_spec["backoffLimitPerIndex"] = backoff_limit
+
+
+def service_name(job_name: str) -> str:
+    """The headless Service of a multi-node Job: the Job's own name when that is a valid Service
+    name (a DNS-1035 label: a letter first), else a stable one derived from it (a run name may
+    begin with a digit, which Job names allow and Service names do not)."""
+    if _DNS_1035.fullmatch(job_name):
+        return job_name
+    return "t" + hashlib.sha256(job_name.encode()).hexdigest()[:20]
+
+
+_DNS_1035 = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def rendezvous_endpoint(job_name: str) -> str:
+    """Node 0's pod by its DNS name under the headless Service (`<hostname>.<subdomain>`; an
+    Indexed Job's pod k has hostname `<job>-<k>`), which hosts torchrun's c10d store."""
+    return f"{job_name}-0.{service_name(job_name)}:{RDZV_PORT}"
+
+
+def _multi_node(job_meta: dict[str, Any], job_spec: dict[str, Any], start: StartStage) -> None:
+    """Multi-node training as ONE Indexed Job: pod k is node k (JOB_COMPLETION_INDEX=k), its
+    hostname `<job>-<k>` resolvable under the headless Service (`build_service`) that the
+    operator creates next to the Job, so every node finds node 0's rendezvous.
+
+    The nodes are one gang: a lost node leaves the others' collectives without a peer, and a
+    replacement pod cannot join a rendezvous that has already closed. So `backoffLimit` is 0
+    whatever resources.backoffLimit says: the first failed pod fails the Job (the Job controller
+    then stops the other pods), and the operator's next attempt — a new Job, so a new rendezvous
+    id — resumes from the last checkpoint. A preemption (DisruptionTarget, still ignored) sends
+    SIGTERM: every rank stops at the same step boundary with a checkpoint and exits 143, which
+    fails the Job the same way and the retry resumes from that step."""
+    task = start.task
+    name = start.job_name
+    job_meta["annotations"][NODES_ANNOTATION] = str(task.nodes)
+    job_spec["completionMode"] = "Indexed"
+    job_spec["completions"] = job_spec["parallelism"] = task.nodes
+    job_spec["backoffLimit"] = 0
+    pod_spec = job_spec["template"]["spec"]
+    pod_spec["subdomain"] = service_name(name)
+    container = pod_spec["containers"][0]
+    container["env"].extend([
+        {"name": RDZV_ENDPOINT_ENV, "value": rendezvous_endpoint(name)},
+        {"name": RDZV_ID_ENV, "value": name},
+    ])
+    container["ports"] = [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}]
+
+
+def build_service(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The headless Service of a multi-node Job (`job`: the created Job, for its uid). Owned by
+    the Job, so it goes when the Job goes — deleted by the operator, by its
+    ttlSecondsAfterFinished, or with the run (run → Job → Service) — and the operator never has
+    to track it. `publishNotReadyAddresses`: the pods have no readiness probe, and the nodes
+    must resolve node 0 while it is still starting."""
+    meta = job["metadata"]
+    labels = {k: v for k, v in (meta.get("labels") or {}).items() if k != KUEUE_QUEUE_LABEL}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(meta["name"]),
+            "namespace": meta.get("namespace"),
+            "labels": labels,
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
+                                 "controller": True}],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {JOB_NAME_LABELS[0]: meta["name"]},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": RDZV_PORT_NAME, "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
+        },
+    }
