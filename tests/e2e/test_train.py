@@ -541,6 +541,90 @@ def test_a_killed_two_node_attempt_resumes_from_its_checkpoint_on_two_nodes(trai
         assert np.allclose(a[k].numpy(), b[k].numpy(), rtol=1e-4, atol=1e-6), k
 
 
+def _start_nodes(task, tmp_path: Path, rdzv_id: str) -> list:
+    """The stage on two nodes as two pods run it: `python -m selfimprove_workers TASK`, each
+    with its completion index and the attempt's rendezvous."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from model_fixtures import REPO
+
+    task_file = tmp_path / f"{rdzv_id}.json"
+    task_file.write_text(json.dumps(task.wire()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for k in (0, 1):
+        # Every step's progress line (not one per interval): the test stops a node at step 2.
+        env = {**os.environ, "TERMINATION_LOG": str(tmp_path / f"{rdzv_id}.node-{k}.term"), "HF_HUB_OFFLINE": "1",
+               "SELFIMPROVE_PROGRESS_LOG_SECONDS": "0",
+               "JOB_COMPLETION_INDEX": str(k), "SELFIMPROVE_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+               "SELFIMPROVE_RDZV_ID": rdzv_id}
+        procs.append(subprocess.Popen([sys.executable, "-m", "selfimprove_workers", str(task_file)], env=env, cwd=REPO,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_node_stops_both_at_one_step_and_the_retry_resumes_from_it(train_model_dir, tmp_path):
+    """A preemption of one pod: SIGTERM to node 1's stage only. Both nodes stop after the same
+    optimizer step (the stop flag is summed across all ranks), write one step checkpoint with
+    both ranks' RNG, and exit 143; the retry (a new rendezvous id) resumes from that step and
+    ends with the losses of one process with the same global batch."""
+    import signal
+    import threading
+
+    from selfimprove_workers.constants import EXIT_TERMINATED
+
+    pairs = [(a, b) for a in (1, 4, 7) for b in (2, 5, 9)]
+    data = write_jsonl(tmp_path / "kept.jsonl", addition_rows(pairs))
+    run_task(train_task(tmp_path / "one", train_model_dir, [data], batchSize=4, epochs=2))
+    want = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
+    assert len(want) == 10
+    task = _nodes_task(tmp_path / "two", train_model_dir, data, 2, batchSize=2, epochs=2)
+
+    procs = _start_nodes(task, tmp_path, "two-r1-train")
+    logs: list[list[str]] = [[], []]
+    seen = threading.Event()
+
+    def pump(k: int) -> None:
+        for line in procs[k].stderr:
+            logs[k].append(line)
+            if "step 2/10" in line:
+                seen.set()
+        seen.set()   # ended without it: the asserts below say why
+
+    pumps = [threading.Thread(target=pump, args=(k,), daemon=True) for k in (0, 1)]
+    for t in pumps:
+        t.start()
+    assert seen.wait(300), "".join(logs[0] + logs[1])
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    for t in pumps:
+        t.join(timeout=10)
+    assert codes == [EXIT_TERMINATED, EXIT_TERMINATED], "".join(logs[0] + logs[1])
+    summaries = [json.loads((tmp_path / f"two-r1-train.node-{k}.term").read_text()) for k in (0, 1)]
+    assert all(s["reason"] == "Terminated" for s in summaries)
+    latest = checkpoint.find_latest(checkpoint_storage(tmp_path / "two"), str(tmp_path / "two"), task.digest())
+    assert latest is not None and latest.step is not None and 2 <= latest.step < 10
+    # Both nodes stopped after that one step: the checkpoint is the agreed one, with both ranks' RNG.
+    assert all(f"after step {latest.step}/10" in s["message"] for s in summaries), summaries
+    ckpt_dir = tmp_path / "two" / checkpoint.CHECKPOINTS_DIR / f"epoch-{latest.epoch}-step-{latest.step}"
+    assert (ckpt_dir / "rng-0.pt").exists() and (ckpt_dir / "rng-1.pt").exists()
+
+    procs = _start_nodes(task, tmp_path, "two-r1-train-a2")
+    outs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "".join(outs)
+    summaries = [json.loads((tmp_path / f"two-r1-train-a2.node-{k}.term").read_text()) for k in (0, 1)]
+    assert summaries[0] == summaries[1] and summaries[0]["metrics"]["resumedFromStep"] == latest.step
+    got = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
+    assert [h["batch"] for h in got] == [h["batch"] for h in want]
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-4)
+
+
 # --------------------------------------------------------------------------- serving the adapter
 @pytest.mark.slow
 @pytest.mark.vllm
