@@ -1005,7 +1005,7 @@ class FakeCluster:
             {"type": "FailureTarget", "status": "True", "reason": reason, "lastTransitionTime": now},
             {"type": "Failed", "status": "True", "reason": reason, "lastTransitionTime": now, "message": message}])
 
-    async def _node_service(self, job: dict[str, Any], timeout: float = 5.0) -> str | None:
+    async def _node_service(self, job: dict[str, Any], timeout: float = 15.0) -> str | None:
         """None once the Service of the pods' subdomain exists, is headless and selects this Job's
         pods (by `batch.kubernetes.io/job-name`, which the Job controller sets); else why not."""
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]

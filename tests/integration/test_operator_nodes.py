@@ -120,3 +120,21 @@ async def test_one_failed_node_fails_the_attempt_and_the_retry_is_a_new_job_and_
     svc = services(k8s)
     assert set(svc) == {"gang-r1-train", "gang-r1-train-a2"}
     assert svc["gang-r1-train-a2"]["metadata"]["ownerReferences"][0]["uid"] == retry["metadata"]["uid"]
+
+
+async def test_a_refused_service_create_is_retried_and_shown_on_the_run(k8s, cluster, start_operator):
+    """The Service create is refused once (403: RBAC without services create, fixed meanwhile; a
+    5xx the client retries itself): the run says so (JobCreationFailed) and the retried
+    reconcile creates it while the nodes wait."""
+    k8s.inject_fault("create", "services", 403, "Forbidden",
+                     'services is forbidden: User "system:serviceaccount:default:op" cannot create resource "services"',
+                     times=4)   # every try of the first call (kube.CALL_BACKOFFS)
+    await start_operator()
+    await k8s.create_object(RUNS, "default", two_nodes("late"))
+    await k8s.wait_for(finished(k8s, "late"), what="the run to finish")
+    st = k8s.status("late")
+    assert st["phase"] == "Succeeded", st.get("conditions")
+    assert stage(st, 1, "train")["attempts"] == 1   # the nodes waited; no attempt was lost
+    assert "late-r1-train" in services(k8s)
+    assert any(e["reason"] == "JobCreationFailed" and "Service of Job late-r1-train" in e["message"]
+               for e in k8s.events("late"))

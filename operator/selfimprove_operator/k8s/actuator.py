@@ -98,9 +98,10 @@ class JobActuator:
                 await self._kube.create(service_path(namespace), build_service(job))
             except ApiError as exc:
                 if exc.status != 409:
-                    # Retried on the next pass; the Job's nodes keep waiting for the name.
-                    logger.warning(f"{namespace}/{key[1]}: creating the Service of Job {st.job} failed: {exc}")
-                    continue
+                    # The reconcile is retried with backoff and the failure shows on the run
+                    # (Degraded, JobCreationFailed: e.g. RBAC without services create); the Job's
+                    # nodes keep waiting for node 0's name meanwhile.
+                    raise JobCreationFailed(f"creating the Service of Job {st.job} failed: {exc}") from None
             self._services.add((namespace, uid))
             logger.info(f"{namespace}/{key[1]}: created Service {service_name(st.job)} for the nodes of Job {st.job}")
 
