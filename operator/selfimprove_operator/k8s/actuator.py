@@ -39,8 +39,9 @@ class JobActuator:
         self.kube = kube
         self.config = config
         self.metrics = metrics
-        # (namespace, Job uid) of the multi-node Jobs whose Service this process has made.
-        self._services: set[tuple[str, str]] = set()
+        # Per run, the uids of its multi-node Jobs whose Service this process has made (pruned to
+        # the run's known Jobs, so it does not grow with the operator's lifetime).
+        self._services: dict[RunKey, set[str]] = {}
 
     @property
     def _kube(self) -> Kube:
@@ -87,12 +88,14 @@ class JobActuator:
         Job's uid (its owner), so it follows the Job rather than preceding it; the nodes wait
         for node 0's name to resolve meanwhile (torchrun's join timeout)."""
         namespace = key[0]
+        made = self._services.setdefault(key, set())
+        made &= {uid for job in state.jobs.values() if (uid := job["metadata"].get("uid"))}
         for _, st in running_stages(status):
             job = state.jobs.get(st.job) if st.job else None
             if job is None or not st.job or nodes_of(spec, st.name) <= 1:
                 continue
             uid = job["metadata"].get("uid")
-            if not uid or (namespace, uid) in self._services or job["metadata"].get("deletionTimestamp"):
+            if not uid or uid in made or job["metadata"].get("deletionTimestamp"):
                 continue
             try:
                 await self._kube.create(service_path(namespace), build_service(job))
@@ -102,7 +105,7 @@ class JobActuator:
                     # (Degraded, JobCreationFailed: e.g. RBAC without services create); the Job's
                     # nodes keep waiting for node 0's name meanwhile.
                     raise JobCreationFailed(f"creating the Service of Job {st.job} failed: {exc}") from None
-            self._services.add((namespace, uid))
+            made.add(uid)
             logger.info(f"{namespace}/{key[1]}: created Service {service_name(st.job)} for the nodes of Job {st.job}")
 
     async def _not_created(self, key: RunKey, state: RunState, start: StartStage, exc: ApiError) -> bool:
