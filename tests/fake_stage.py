@@ -33,13 +33,7 @@ def body(ctx) -> StageOutcome:
     else:  # a shard's slice of ten rows, merged back in order by `merge`
         ctx.writer.write_jsonl("out.jsonl", [{"round": rnd, "stage": stage, "row": i}
                                              for i in ctx.shard_rows(list(range(10)))])
-    metrics = {
-        "sample": {"paths": 8, "questions": 2, "meanConfidence": 0.75},
-        "filter": {"kept": 5},
-        "train": {"trainLoss": 1.0 / (rnd + 1)},
-        "evaluate": {"accuracy": round(0.2 + 0.1 * rnd, 3)},
-        "augment": {"augmented": 1},
-    }[stage]
+    metrics = body_metrics(stage, rnd)
     outputs = {"adapter": "adapter/"} if stage == "train" else {}
     return StageOutcome(metrics=metrics, outputs=outputs)
 
@@ -53,7 +47,10 @@ def merge(ctx, shard_dirs) -> StageOutcome:
 def body_metrics(stage: str, rnd: int) -> dict:
     return {
         "sample": {"paths": 8, "questions": 2, "meanConfidence": 0.75},
+        "filter": {"kept": 5},
+        "train": {"trainLoss": 1.0 / (rnd + 1)},
         "evaluate": {"accuracy": round(0.2 + 0.1 * rnd, 3)},
+        "augment": {"augmented": 1},
     }[stage]
 
 

@@ -46,9 +46,9 @@ def test_selfimprove_run_with_two_shards_finishes(tmp_path):
                           env={**os.environ, "FAKE_STAGE_LEDGER": str(ledger)}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = ledger.read_text().split()
-    # sample and evaluate ran as two shards each; filter and train whole.
+    # sample, filter and evaluate ran as two shards each; train whole.
     assert sorted(lines) == sorted(["0:evaluate:1:shard0", "0:evaluate:1:shard1", "1:sample:1:shard0",
-                                    "1:sample:1:shard1", "1:filter:1", "1:train:1",
+                                    "1:sample:1:shard1", "1:filter:1:shard0", "1:filter:1:shard1", "1:train:1",
                                     "1:evaluate:1:shard0", "1:evaluate:1:shard1"])
     sample = storage / "local" / "shards" / "round-001" / "sample"
     rows = [json.loads(x)["row"] for x in (sample / "out.jsonl").read_text().splitlines()]

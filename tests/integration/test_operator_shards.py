@@ -50,7 +50,7 @@ async def test_sharded_stages_run_as_one_indexed_job_each(k8s, cluster, start_op
     st = k8s.status("wide")
     assert st["phase"] == "Succeeded", st.get("conditions")
     jobs = {j["metadata"]["name"]: j for j in k8s.jobs("wide")}
-    for name in ("wide-r0-evaluate", "wide-r1-sample", "wide-r1-evaluate"):
+    for name in ("wide-r0-evaluate", "wide-r1-sample", "wide-r1-filter", "wide-r1-evaluate"):
         spec = jobs[name]["spec"]
         assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
         assert ("backoffLimitPerIndex" in spec) == per_index(k8s) and ("backoffLimit" in spec) != per_index(k8s)
@@ -62,7 +62,7 @@ async def test_sharded_stages_run_as_one_indexed_job_each(k8s, cluster, start_op
             in p["spec"]["containers"][0]["env"] for p in pods)
         task = json.loads(spec["template"]["spec"]["containers"][0]["args"][0])
         assert task["shards"] == 3 and task.get("shardIndexes") is None
-    for name in ("wide-r1-filter", "wide-r1-train"):   # not shardable: one pod, as before
+    for name in ("wide-r1-train",):   # not shardable: one pod, as before
         assert "completionMode" not in jobs[name]["spec"] and len(pods_of(k8s, name)) == 1
     sample = stage(st, 1, "sample")
     assert (sample["attempts"], sample["shards"]) == (1, "3/3")

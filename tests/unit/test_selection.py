@@ -123,7 +123,8 @@ def test_ds_weight_edges() -> None:
 
 
 class _StubEngine:
-    """Returns fixed losses and records what it was asked."""
+    """Returns the given losses in order, call after call (the filter scores the validation set
+    in a call of its own, then the candidates), and records what it was asked."""
 
     tokenizer = None
 
@@ -133,7 +134,9 @@ class _StubEngine:
 
     def completion_losses(self, prompts: Sequence[str], completions: Sequence[str], *, add_eos: bool = False) -> list[float]:
         self.calls.append((list(prompts), list(completions), add_eos))
-        return self.losses
+        out, self.losses = self.losses[:len(prompts)], self.losses[len(prompts):]
+        assert len(out) == len(prompts), "the stub ran out of losses"
+        return out
 
 
 def _candidate(qid: str, path: int, answer: str | None, majority: str, conf: float = 1.0, ent: float = 0.0):
@@ -157,10 +160,10 @@ def test_distribution_shift_filter_wires_losses_to_candidates() -> None:
     assert [c.path for c in kept] == [0, 3]
     assert info["validLoss"] == 2.5 and info["threshold"] == 2.0
     assert [c.scores["ds"] for c in cands] == [1.0, 2.0, 2.0, 1.25]
-    prompts, targets, add_eos = engine.calls[0]
-    assert add_eos  # scored like the train stage: EOS included
-    assert all("Let's think step by step." in p for p in prompts)  # the zero-shot CoT format
-    assert targets[0] == " 1 + 1 = 2.\nThe answer is 2." and targets[2] == " " + cands[0].text
+    (prompts, targets, add_eos), (cand_prompts, cand_targets, cand_eos) = engine.calls
+    assert add_eos and cand_eos  # scored like the train stage: EOS included
+    assert all("Let's think step by step." in p for p in prompts + cand_prompts)  # the zero-shot CoT format
+    assert targets[0] == " 1 + 1 = 2.\nThe answer is 2." and cand_targets[0] == " " + cands[0].text
 
 
 def _ds_task(filters: list, tmp: str = "/tmp/unused", **inputs: str) -> StageTask:
@@ -190,7 +193,7 @@ def test_distribution_shift_every_weight_at_the_upper_bound_keeps_floor_k_n() ->
     assert len(log.warnings) == 1 and "every one of the 5 weights sits at a clip bound" in log.warnings[0]
     # Identical losses: the tie goes by (question id, path), not by file order.
     same = [_candidate(q, p, "1", "1") for q, p in [("b", 0), ("a", 1), ("a", 0)]]
-    engine.losses = [4.0, 4.0, 0.5, 0.5, 0.5]
+    engine.losses = [0.5, 0.5, 0.5]  # the validation losses were computed once, by the first call
     kept, info = filter_stage.distribution_shift(fr, same, DistributionShiftFilter(keep=0.5))
     assert [(c.id, c.path) for c in kept] == [("a", 0)]
 
@@ -249,7 +252,8 @@ def test_filter_stage_distribution_shift_all_tied_keeps_floor_k_n(tmp_path, monk
     inputs = _write_stage_inputs(tmp_path, {"a": 1.0, "b": 1.0, "c": 0.4}, paths=4)
     engine = _StubEngine([])
     # L̄v = 5 on the one validation example; every candidate 0.5 → w' = 2
-    engine.completion_losses = lambda prompts, targets, add_eos=False: [5.0] + [0.5] * (len(prompts) - 1)  # type: ignore[method-assign]
+    engine.completion_losses = lambda prompts, targets, add_eos=False: [  # type: ignore[method-assign]
+        5.0 if t.startswith(" 1 + 1 = 2.") else 0.5 for t in targets]
     monkeypatch.setattr(filter_stage.EnginePool, "get", lambda self, uri: engine)
     out = tmp_path / "out"
     task = _ds_task([{"consistency": {"minConfidence": 0.6}}, {"distributionShift": {"keep": 0.8}}], str(out), **inputs)
@@ -385,7 +389,7 @@ def test_augment_loop_dedups_counts_and_asks_for_more() -> None:
         ]
 
     stats = augment.augment_examples(wrong, k=2, retries=1, dedup=d, teacher=teacher)
-    assert stats == {"requests": 4, "malformed": 1, "duplicates": 1, "parsed": 4}
+    assert stats == {"requests": 4, "malformed": 1, "invalid": 0, "duplicates": 1, "parsed": 4}
     assert [i.final for i in wrong[0].accepted] == ["6", "15"]
     assert [i.final for i in wrong[1].accepted] == ["120"]
     # The retry for s1 shows its accepted item and asks for the one missing; s2 is asked afresh.

@@ -27,7 +27,9 @@ def spec_with(resources: str) -> SelfImproveRunSpec:
 
 
 def test_shardable_stages_are_the_row_wise_ones():
-    assert {n for n, k in STAGES.items() if k.shardable} == {"sample", "evaluate"}
+    # augment: its order-dependent dedup runs in the merge; filter's shardability is decided (and
+    # tested) with its scoring split, tests/unit/test_filter_streaming.py
+    assert {n for n, k in STAGES.items() if k.shardable} - {"filter"} == {"sample", "evaluate", "augment"}
 
 
 def test_run_level_shards_and_a_stage_override_merge():
@@ -114,11 +116,14 @@ def test_planner_shards_only_shardable_stages_and_retries_only_missing_shards():
     st = sim.status.rounds[0].stages[0]
     assert (st.state, st.shards) == ("Succeeded", "3/3")
     assert sim.status.rounds[0].accuracy == 0.5
-    # The next round's sample is sharded too; filter and train never are.
+    # The next round's sample and filter are sharded too; train never is.
     assert nxt.stage == "sample" and nxt.task.shards == 3
     sim.finish(1, "sample")
     [f] = sim.step().starts
-    assert f.stage == "filter" and f.task.shards == 1 and sim.status.rounds[1].stages[1].shards is None
+    assert f.stage == "filter" and f.task.shards == 3 and sim.status.rounds[1].stages[1].shards == "0/3"
+    sim.finish(1, "filter")
+    [t] = sim.step().starts
+    assert t.stage == "train" and t.task.shards == 1 and sim.status.rounds[1].stages[2].shards is None
 
 
 def test_one_shard_tasks_are_unchanged():

@@ -77,14 +77,14 @@ register_stage(StageKind(
     description="vLLM samples N reasoning paths per question; votes on their answers.",
 ))
 register_stage(StageKind(
-    name="filter", phase="Filtering", module="selfimprove_workers.stages.filter",
+    name="filter", shardable=True, phase="Filtering", module="selfimprove_workers.stages.filter",
     inputs=("samples", "votes"), sections=("filters",),
     outputs={"kept": OutputName.KEPT, "rejected": OutputName.REJECTED},
     round_metrics={MetricKey.KEPT: ("kept", "int")},
     description="The run's filters, in order, select the training data.",
 ))
 register_stage(StageKind(
-    name="augment", phase="Augmenting", module="selfimprove_workers.stages.augment",
+    name="augment", shardable=True, phase="Augmenting", module="selfimprove_workers.stages.augment",
     inputs=("predictions",), sections=("augment",),
     outputs={"augmented": OutputName.AUGMENTED},
     round_metrics={MetricKey.AUGMENTED: ("augmented", "int")},

@@ -29,18 +29,40 @@ and `filterIndex`, for `selfimprove report`.
 Metrics: candidates, kept, keptQuestions; details list each filter's count in and out.
 
 Engines load only for the filters that need one, one model at a time.
+
+Score, then select (docs/architecture.md, "The filter stage sharded and chunked"). The model
+filters' selections are global, so the stage runs in two passes, sharded or not:
+  1. scoring (`score_pass`): the candidates, in file order, are cut into chunks of
+     CHUNK_CANDIDATES; for each model filter i, chunk by chunk, its model scores the candidates
+     that pass the per-candidate tests of the filters before it (`_relaxed`: consistency,
+     entropy, correct's answer check; a model filter lets everything through), a superset of
+     what the chain will give it. Each chunk is committed on its own (`chunks.Chunks`, under
+     `<prefix>/filters/<i>/chunks/<k>/scores.jsonl`), so a retry scores only the missing ones.
+     With `shards: N` shard s scores whole chunks s·K//N … (s+1)·K//N - 1 (K chunks): every
+     chunk is scored in one call with the same neighbours whatever N is, so the scores do not
+     depend on the batch a shard would have formed.
+  2. selection (`_select`): the chain runs once over every candidate with the committed scores
+     (a candidate without one, a STaR rationale, is scored then), and writes kept.jsonl and
+     rejected.jsonl. A one-shard run does it after its pass; a sharded run in `merge`.
+Candidates are light (`Candidate`: ids, answers, scores, the line's byte offset); texts are read
+back from samples.jsonl when a model or an output row needs them.
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
+import json
 import math
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..answers import extract_answer
 from ..chat import render_messages
+from ..chunks import chunk_size
 from ..constants import JUDGE_API_KEY_ENV, TEACHER_API_KEY_ENV, OutputName
 from ..contract import ModelRef
 from ..data import load_examples
@@ -73,25 +95,84 @@ DS_FORMAT: PromptFormat = "zeroShotCot"
 
 
 # --------------------------------------------------------------------------- candidates
-@dataclass
+class SampleTexts:
+    """The question and path text of each sample line, read back by byte offset from a local
+    copy of `samples.jsonl` (the file itself when it is local): a candidate holds its offset,
+    not its text, so the stage's memory does not grow with the paths' length."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f: Any = None
+
+    def read(self, offset: int) -> tuple[str, str]:
+        if self._f is None:
+            self._f = open(self.path, "rb")  # noqa: SIM115 — held open for the stage's life
+        self._f.seek(offset)
+        obj = json.loads(self._f.readline())
+        return obj["question"], obj["text"]
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
 class Candidate:
-    id: str                     # the question's id
-    question: str
-    path: int
-    text: str                   # the sampled reasoning (→ cot)
-    answer: str | None          # the path's own answer
-    majority: str               # the question's voted answer (→ answer)
-    confidence: float
-    entropy: float
-    scores: dict[str, Any] = field(default_factory=dict)
-    label: str | None = None    # the gold answer, set by a label-aware filter (→ answer)
+    """One sampled path: what the filters select on, light. The question and text are held only
+    when the candidate was made in memory (a STaR rationale, a test); a sampled path reads them
+    from `samples.jsonl` when a model or an output row needs them."""
+
+    __slots__ = ("id", "path", "answer", "majority", "confidence", "entropy", "label",
+                 "offset", "mark", "_question", "_text", "_texts", "_scores")
+
+    def __init__(self, id: str, question: str | None, path: int, text: str | None, answer: str | None,
+                 majority: str, confidence: float, entropy: float, scores: dict[str, Any] | None = None,
+                 label: str | None = None, texts: SampleTexts | None = None, offset: int = -1):
+        self.id = id                    # the question's id
+        self.path = path
+        self.answer = answer            # the path's own answer
+        self.majority = majority        # the question's voted answer (→ answer)
+        self.confidence = confidence
+        self.entropy = entropy
+        self.label = label              # the gold answer, set by a label-aware filter (→ answer)
+        self.offset = offset
+        self.mark = -1                  # the index of the last filter of the chain that kept it
+        self._question, self._text, self._texts = question, text, texts
+        self._scores = scores
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.id, self.path
+
+    @property
+    def question(self) -> str:
+        if self._question is not None:
+            return self._question
+        assert self._texts is not None
+        return self._texts.read(self.offset)[0]
+
+    @property
+    def text(self) -> str:
+        """The sampled reasoning (→ cot)."""
+        if self._text is not None:
+            return self._text
+        assert self._texts is not None
+        return self._texts.read(self.offset)[1]
+
+    @property
+    def scores(self) -> dict[str, Any]:
+        if self._scores is None:
+            self._scores = {}
+        return self._scores
 
     def row(self) -> dict[str, Any]:
-        return {"id": f"{self.id}#{self.path}", "question": self.question, "cot": self.text,
+        question, text = ((self._question, self._text) if self._text is not None and self._question is not None
+                          else (self.question, self.text))
+        return {"id": f"{self.id}#{self.path}", "question": question, "cot": text,
                 "answer": self.majority if self.label is None else self.label, "questionId": self.id,
                 "path": self.path, "pathAnswer": self.answer, "confidence": self.confidence,
                 "entropy": self.entropy, **({"label": self.label} if self.label is not None else {}),
-                **self.scores}
+                **(self._scores or {})}
 
 
 def _field(obj: dict, key: str, types: tuple[type, ...], where: str, nullable: bool = False) -> Any:
@@ -111,7 +192,7 @@ def load_votes(ctx: StageContext, uri: str) -> dict[str, dict[str, Any]]:
     votes: dict[str, dict[str, Any]] = {}
     for lineno, obj in read_jsonl(ctx.storage_for(uri), uri):
         where = f"{shown}:{lineno}"
-        qid = str(_field(obj, "id", (str, int), where))
+        qid = sys.intern(str(_field(obj, "id", (str, int), where)))
         majority = _field(obj, "majority", (str,), where, nullable=True)
         confidence = float(_field(obj, "confidence", (int, float), where))
         entropy = float(_field(obj, "entropy", (int, float), where))
@@ -123,17 +204,53 @@ def load_votes(ctx: StageContext, uri: str) -> dict[str, dict[str, Any]]:
     return votes
 
 
-def load_candidates(ctx: StageContext, samples_uri: str, votes: dict[str, dict[str, Any]]) -> tuple[list[Candidate], int]:
-    """Candidates in file order, and the number of paths left out for want of a majority."""
+def local_samples(ctx: StageContext, uri: str) -> str:
+    """A local path holding `samples.jsonl`: the file itself, or a copy in the stage's workdir."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if "://" not in uri:
+        return uri
+    path = ctx.workdir / "samples.jsonl"
+    if not path.exists():
+        ctx.storage_for(uri).download_file(uri, path)
+    return str(path)
+
+
+def _lines(path: str, shown: str) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(line number, byte offset, object) of each non-blank line, with `read_jsonl`'s errors."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            at, offset = offset, offset + len(raw)
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{shown}:{lineno}: invalid UTF-8 at byte {e.start}") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{shown}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{shown}:{lineno}: expected a JSON object, got {json_type_name(obj)}")
+            yield lineno, at, obj
+
+
+def load_candidates(ctx: StageContext, samples_uri: str, votes: dict[str, dict[str, Any]],
+                    texts: SampleTexts | None = None) -> tuple[list[Candidate], int]:
+    """Candidates in file order, and the number of paths left out for want of a majority. Each
+    holds its line's offset into `texts` (opened on the local copy here when not given)."""
     shown = display_name(samples_uri)
+    texts = texts or SampleTexts(local_samples(ctx, samples_uri))
     out: list[Candidate] = []
     no_majority = 0
-    for lineno, obj in read_jsonl(ctx.storage_for(samples_uri), samples_uri):
+    for lineno, offset, obj in _lines(texts.path, shown):
         where = f"{shown}:{lineno}"
         qid = str(_field(obj, "id", (str, int), where))
-        question = _field(obj, "question", (str,), where)
+        _field(obj, "question", (str,), where)
         path = _field(obj, "path", (int,), where)
-        text = _field(obj, "text", (str,), where)
+        _field(obj, "text", (str,), where)
         answer = _field(obj, "answer", (str,), where, nullable=True)
         v = votes.get(qid)
         if v is None:
@@ -141,43 +258,54 @@ def load_candidates(ctx: StageContext, samples_uri: str, votes: dict[str, dict[s
         if v["majority"] is None:
             no_majority += 1
             continue
-        out.append(Candidate(qid, question, path, text, answer, v["majority"], v["confidence"], v["entropy"]))
+        # The vote's own id, majority and floats are shared by the question's paths (memory).
+        out.append(Candidate(sys.intern(qid), None, path, None, None if answer is None else sys.intern(answer),
+                             v["majority"], v["confidence"], v["entropy"], texts=texts, offset=offset))
     return out, no_majority
 
 
 # --------------------------------------------------------------------------- engines
 class EnginePool:
-    """At most one engine alive at a time, loaded when a filter first needs its model.
+    """At most one model alive at a time, loaded when a filter first needs it.
 
     The sampling model (base + `model.adapter`) and the base model are one engine: vLLM serves
     the adapter per request, so the engine starts with LoRA enabled when a self filter will ask
-    for it.
+    for it. Other models (a reward model) come through `get_other` and share the one slot, so a
+    chunked filter loads its model once per process, not once per chunk.
     """
 
     def __init__(self, ctx: StageContext, lora_for_base: bool):
         self.ctx = ctx
         self.lora_for_base = lora_for_base
-        self.current: tuple[str, Engine] | None = None
+        self.current: tuple[str, Any, Callable[[Any], None]] | None = None
         self.loads = 0
 
     def get(self, model_uri: str) -> Engine:
-        if self.current and self.current[0] == model_uri:
+        def load() -> Engine:
+            from ..engines import load_engine
+
+            task = self.ctx.task
+            lora = self.lora_for_base and model_uri == task.model.base
+            return load_engine(task.engine, self.ctx.local_dir(model_uri), gpus=task.gpus, seed=task.round,
+                               enable_lora=lora)
+
+        engine: Engine = self.get_other(model_uri, load, lambda e: e.close())
+        return engine
+
+    def get_other(self, key: str, load: Callable[[], Any], close: Callable[[Any], None]) -> Any:
+        if self.current and self.current[0] == key:
             return self.current[1]
         self.close()
-        from ..engines import load_engine
-
-        task = self.ctx.task
-        lora = self.lora_for_base and model_uri == task.model.base
-        engine = load_engine(task.engine, self.ctx.local_dir(model_uri), gpus=task.gpus, seed=task.round,
-                             enable_lora=lora)
-        self.current = (model_uri, engine)
+        obj = load()
+        self.current = (key, obj, close)
         self.loads += 1
-        return engine
+        return obj
 
     def close(self) -> None:
         if self.current:
-            self.current[1].close()
+            _, obj, close = self.current
             self.current = None
+            close(obj)
 
 
 @dataclass
@@ -187,9 +315,38 @@ class FilterRun:
     validation: list[tuple[str, str, str]]   # (question, cot, answer) of inputs.validation
     labels: dict[str, Any] = field(default_factory=dict)  # question id → data.Example, for label-aware filters
     metrics: dict[str, Any] = field(default_factory=dict)  # headline metrics a filter adds (a served judge's tokens)
+    # The scoring pass's records, by filter index, then (question id, path): what a filter's
+    # model said of each candidate it may see. A filter reads its scores from here and scores
+    # only what is missing (a STaR rationale, made after the pass); a filter called on its own
+    # (no index) scores everything.
+    scored: dict[int, dict[tuple[str, int], dict[str, Any]]] = field(default_factory=dict)
+    # What each scorer call reported besides the scores (a served judge's token counts), by index.
+    extras: dict[int | None, list[dict[str, Any]]] = field(default_factory=dict)
+    current: int | None = None               # the index of the filter running in the chain
+    valid_losses: list[float] | None = None  # distributionShift's validation losses, once per run
+    scorer_calls: int = 0
 
 
 FilterFn = Callable[[FilterRun, list[Candidate], Any], tuple[list[Candidate], dict[str, Any]]]
+# (FilterRun, candidates, params) → (one JSON record per candidate, extra report or {}).
+ScoreFn = Callable[[FilterRun, list[Candidate], Any], tuple[list[dict[str, Any]], dict[str, Any]]]
+
+
+def scores_of(fr: FilterRun, kind: str, cands: list[Candidate], spec: Any) -> list[dict[str, Any]]:
+    """The score records of `cands` for the filter now running: the scoring pass's, and what it
+    did not score computed now (in one call)."""
+    table = fr.scored.get(fr.current) if fr.current is not None else None
+    todo = cands if table is None else [c for c in cands if c.key not in table]
+    fresh: list[dict[str, Any]] = []
+    if todo:
+        fresh, extra = SCORERS[kind](fr, todo, spec)
+        fr.scorer_calls += 1
+        if extra:
+            fr.extras.setdefault(fr.current, []).append(extra)
+    if table is None:
+        return fresh
+    table.update(zip((c.key for c in todo), fresh))
+    return [table[c.key] for c in cands]
 
 
 # --------------------------------------------------------------------------- the filters
@@ -211,15 +368,26 @@ def _sft_pairs(fr: FilterRun, engine: Engine, items: Sequence[tuple[str, str, st
     return prompts, [render_target(DS_FORMAT, cot, answer, chat, task.answer_template) for _, cot, answer in items]
 
 
+def ds_scores(fr: FilterRun, cands: list[Candidate], spec: DistributionShiftFilter) -> tuple[list[dict], dict]:
+    """Each candidate's SFT loss under the base model (EOS scored, as in training). The
+    validation losses are computed once per process, in a call of their own, so they do not
+    depend on which candidates share their batch."""
+    engine = fr.pool.get(fr.ctx.task.model.base)
+    if fr.valid_losses is None:
+        prompts, targets = _sft_pairs(fr, engine, fr.validation)
+        fr.valid_losses = [float(x) for x in engine.completion_losses(prompts, targets, add_eos=True)]
+    prompts, targets = _sft_pairs(fr, engine, [(c.question, c.text, c.majority) for c in cands])
+    return [{"loss": float(x)} for x in engine.completion_losses(prompts, targets, add_eos=True)], {}
+
+
 def distribution_shift(fr: FilterRun, cands: list[Candidate], spec: DistributionShiftFilter) -> tuple[list[Candidate], dict]:
     if not cands:
         return [], {"keep": spec.keep}
-    engine = fr.pool.get(fr.ctx.task.model.base)
-    # The validation losses and the candidates' in one batched call; EOS is scored as in training.
-    items = fr.validation + [(c.question, c.text, c.majority) for c in cands]
-    prompts, targets = _sft_pairs(fr, engine, items)
-    losses = engine.completion_losses(prompts, targets, add_eos=True)
-    valid_losses, cand_losses = losses[: len(fr.validation)], losses[len(fr.validation):]
+    cand_losses = [r["loss"] for r in scores_of(fr, "distributionShift", cands, spec)]
+    if fr.valid_losses is None:  # every candidate was scored by the pass, in chunks without one
+        ds_scores(fr, [], spec)
+    valid_losses = fr.valid_losses
+    assert valid_losses is not None
     # L̄v: the mean of the per-example mean token losses, as IWSI's record_weights.py averages.
     valid_mean = sum(valid_losses) / len(valid_losses)
     ds, weights = [], []
@@ -266,25 +434,6 @@ def judge_messages(question: str, response: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": triplet + JUDGE_INSTRUCTION}]
 
 
-def _read_scores(texts: Sequence[str], max_score: float) -> tuple[list[float], int]:
-    """Ratings read by `parse_score`; unreadable ones score 0 (and count)."""
-    scores, unparsed = [], 0
-    for text in texts:
-        s = parse_score(text, max_score)
-        if s is None:
-            unparsed += 1
-            s = 0.0
-        scores.append(s)
-    return scores, unparsed
-
-
-def _rate(fr: FilterRun, engine: Engine, prompts: list[str], max_tokens: int, max_score: float,
-          adapter: str | None = None) -> tuple[list[float], int]:
-    """Greedy replies to `prompts`, read by `parse_score`; unreadable ones score 0 (and count)."""
-    outs = engine.generate(prompts, GenerationParams(n=1, temperature=0.0, max_tokens=max_tokens), adapter=adapter)
-    return _read_scores([o.completions[0].text for o in outs], max_score)
-
-
 def judge_model(spec: JudgeFilter, m: ModelRef) -> tuple[str, tuple[Endpoint, str, str] | None]:
     """Who judges: the filter's own `model`, else `model.judge`, else the served judge, else the
     teacher (weights or served), else base. Returns (its name, (endpoint, field, key variable)
@@ -299,10 +448,8 @@ def judge_model(spec: JudgeFilter, m: ModelRef) -> tuple[str, tuple[Endpoint, st
     return m.teacher or m.base, None
 
 
-def judge(fr: FilterRun, cands: list[Candidate], spec: JudgeFilter) -> tuple[list[Candidate], dict]:
+def judge_scores(fr: FilterRun, cands: list[Candidate], spec: JudgeFilter) -> tuple[list[dict], dict]:
     model, served = judge_model(spec, fr.ctx.task.model)
-    if not cands:
-        return [], {"minScore": spec.min_score, "model": model}
     requests = [judge_messages(c.question, c.text) for c in cands]
     extra: dict[str, Any] = {}
     if served is not None:
@@ -312,15 +459,56 @@ def judge(fr: FilterRun, cands: list[Candidate], spec: JudgeFilter) -> tuple[lis
         with EndpointClient(endpoint, field=field_name, api_key_env=key_env) as client:
             replies = client.chat(requests, temperature=0.0, max_tokens=spec.max_tokens,
                                   progress=lambda d, t: fr.ctx.progress(d, t, "judge requests"))
-        scores, unparsed = _read_scores([r.text for r in replies], JUDGE_MAX)
-        extra["endpoint"] = client.stats.details(endpoint)
-        for key, value in client.stats.metrics("judge").items():
-            fr.metrics[key] = fr.metrics.get(key, 0) + value
+        texts = [r.text for r in replies]
+        extra = {"endpoint": client.stats.details(endpoint), "metrics": client.stats.metrics("judge")}
     else:
         engine = fr.pool.get(model)
         use_template = fr.ctx.task.prompting.chat_template
         prompts = [render_messages(engine.tokenizer, r, use_template=use_template) for r in requests]
-        scores, unparsed = _rate(fr, engine, prompts, spec.max_tokens, JUDGE_MAX)
+        texts = _greedy(engine, prompts, spec.max_tokens)
+    return [_rating("judgeScore", t, JUDGE_MAX) for t in texts], extra
+
+
+def _rating(key: str, text: str, max_score: float) -> dict[str, Any]:
+    """A reply read by `parse_score`; an unreadable one rates 0 and says so."""
+    s = parse_score(text, max_score)
+    return {key: 0.0 if s is None else s, **({"unparsed": True} if s is None else {})}
+
+
+def _greedy(engine: Engine, prompts: list[str], max_tokens: int, adapter: str | None = None) -> list[str]:
+    outs = engine.generate(prompts, GenerationParams(n=1, temperature=0.0, max_tokens=max_tokens), adapter=adapter)
+    return [o.completions[0].text for o in outs]
+
+
+def _sum_endpoint(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One endpoint report from the scoring calls' reports (chunks, shards): counts add up."""
+    out = dict(parts[0])
+    for p in parts[1:]:
+        for k, v in p.items():
+            if k == "retriedBy":
+                out[k] = {r: out[k].get(r, 0) + v.get(r, 0) for r in sorted({*out[k], *v})}
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "maxConcurrency":
+                out[k] = out[k] + v
+    for k in ("waitSeconds", "seconds"):
+        if k in out:
+            out[k] = round(out[k], 3)
+    return out
+
+
+def judge(fr: FilterRun, cands: list[Candidate], spec: JudgeFilter) -> tuple[list[Candidate], dict]:
+    model, served = judge_model(spec, fr.ctx.task.model)
+    if not cands:
+        return [], {"minScore": spec.min_score, "model": model}
+    records = scores_of(fr, "judge", cands, spec)
+    scores = [r["judgeScore"] for r in records]
+    unparsed = sum(1 for r in records if r.get("unparsed"))
+    extra: dict[str, Any] = {}
+    reports = fr.extras.get(fr.current, [])
+    if served is not None and reports:
+        extra["endpoint"] = _sum_endpoint([r["endpoint"] for r in reports])
+        for r in reports:
+            for key, value in r["metrics"].items():
+                fr.metrics[key] = fr.metrics.get(key, 0) + value
     for c, s in zip(cands, scores):
         c.scores["judgeScore"] = s
     if unparsed:
@@ -341,21 +529,37 @@ def self_messages(question: str, response: str) -> list[dict[str, str]]:
              "content": f"{SELF_INSTRUCTION}\n\nQuestion: {question.strip()}\nAnswer: {response.strip()}"}]
 
 
-def self_rating(fr: FilterRun, cands: list[Candidate], spec: SelfFilter) -> tuple[list[Candidate], dict]:
-    if not cands:
-        return [], {"keep": spec.keep}
+def self_scores(fr: FilterRun, cands: list[Candidate], spec: SelfFilter) -> tuple[list[dict], dict]:
     task = fr.ctx.task
     engine = fr.pool.get(task.model.base)
     adapter = str(fr.ctx.local_dir(task.model.adapter)) if task.model.adapter else None
     prompts = [render_messages(engine.tokenizer, self_messages(c.question, c.text),
                                use_template=task.prompting.chat_template, reply_prefix="Score:") for c in cands]
-    scores, unparsed = _rate(fr, engine, prompts, spec.max_tokens, SELF_MAX, adapter=adapter)
+    return [_rating("selfScore", t, SELF_MAX) for t in _greedy(engine, prompts, spec.max_tokens, adapter)], {}
+
+
+def self_rating(fr: FilterRun, cands: list[Candidate], spec: SelfFilter) -> tuple[list[Candidate], dict]:
+    if not cands:
+        return [], {"keep": spec.keep}
+    records = scores_of(fr, "self", cands, spec)
+    scores = [r["selfScore"] for r in records]
     for c, s in zip(cands, scores):
         c.scores["selfScore"] = s
     mask = top_fraction(scores, spec.keep)
     return [c for c, k in zip(cands, mask) if k], {
-        "keep": spec.keep, "unparsed": unparsed, "meanScore": round(sum(scores) / len(scores), 4),
+        "keep": spec.keep, "unparsed": sum(1 for r in records if r.get("unparsed")),
+        "meanScore": round(sum(scores) / len(scores), 4),
     }
+
+
+def embedding_scores(fr: FilterRun, cands: list[Candidate], spec: DiversityFilter) -> tuple[list[dict], dict]:
+    """Each candidate's embedding (question + reasoning), as base64 float32: exact and a third
+    the size of a JSON list."""
+    import numpy as np
+
+    engine = fr.pool.get(fr.ctx.task.model.base)
+    vectors = np.asarray(engine.embed([f"{c.question}\n{c.text}" for c in cands]), dtype="<f4")
+    return [{"embedding": base64.b64encode(v.tobytes()).decode()} for v in vectors], {}
 
 
 def diversity(fr: FilterRun, cands: list[Candidate], spec: DiversityFilter) -> tuple[list[Candidate], dict]:
@@ -365,8 +569,8 @@ def diversity(fr: FilterRun, cands: list[Candidate], spec: DiversityFilter) -> t
         return [], {"keep": spec.keep}
     from ..coreset import ltd_coreset
 
-    engine = fr.pool.get(fr.ctx.task.model.base)
-    vectors = np.asarray(engine.embed([f"{c.question}\n{c.text}" for c in cands]), dtype=np.float32)
+    records = scores_of(fr, "diversity", cands, spec)
+    vectors = np.stack([np.frombuffer(base64.b64decode(r["embedding"]), dtype="<f4") for r in records]).astype(np.float32)
     k = math.ceil(spec.keep * len(cands))
     core = ltd_coreset(vectors, k=k, clusters=spec.clusters, seed=spec.seed + fr.ctx.task.round)
     for rank, i in enumerate(core.chosen):
@@ -428,12 +632,154 @@ def kept_nothing(index: int, kind: str, params: Any, given: int, info: dict[str,
             f"{advice}" + (f" (filter report: {report})" if report else ""))
 
 
-def run(ctx: StageContext) -> StageOutcome:
+# --------------------------------------------------------------------------- scoring in chunks
+# The filters whose model scores each candidate, and how (ScoreFn). Their selection is global
+# (the ⌊k·n⌋ smallest DS, a top fraction, a coreset), so a shard cannot select; it scores, and
+# the selection runs once over every score (`_select`).
+SCORERS: dict[str, ScoreFn] = {}
+
+
+def _relaxed(fr: FilterRun, kind: str, params: Any) -> Callable[[Candidate], bool] | None:
+    """A per-candidate test that every candidate filter `kind` keeps passes, whatever the
+    filters before it kept (None: no such test, everything may pass). The scoring pass scores,
+    for each scoring filter, the candidates that pass the tests of the filters before it: a
+    superset of what the chain gives that filter."""
+    if kind == "consistency":
+        return lambda c: c.confidence >= params.min_confidence and c.answer == c.majority
+    if kind == "entropy":
+        return lambda c: c.entropy <= params.max + 1e-12 and c.answer == c.majority
+    if kind == "correct":
+        from ..answers import answers_equal
+
+        labels = fr.labels
+        # A question without a label fails the filter itself later, naming it; let it through.
+        return lambda c: c.id not in labels or answers_equal(c.answer, labels[c.id].final)
+    return None
+
+
+# Candidates per chunk: a chunk's scores are committed together, so a preempted pod loses at
+# most one chunk's scoring. Chunks are also the unit of sharding: a shard scores whole chunks,
+# so every chunk is scored in one call with the same neighbours however many shards there are.
+CHUNK_CANDIDATES = 4096
+SCORES = "scores.jsonl"
+
+
+class _ChunkView:
+    """What `chunks.Chunks` reads of a StageContext, with the prefix of one scoring filter's
+    chunks: `<stage or shard prefix>/filters/<i>/`."""
+
+    def __init__(self, ctx: StageContext, prefix: str, index: int):
+        from ..storage import join_uri
+
+        self.task, self.log, self.storage, self.writer = ctx.task, ctx.log, ctx.storage, ctx.writer
+        self.prefix = join_uri(prefix, f"filters/{index}/")
+
+
+def _shard_rows(n: int, size: int, shard: int | None, shards: int) -> tuple[int, int]:
+    """Candidate rows [start, stop) scored by `shard`: whole chunks, chunk indexes cut as
+    `StageContext.shard_rows` cuts rows (all of them when the stage is not sharded)."""
+    if shard is None:
+        return 0, n
+    k = -(-n // size)
+    first, last = shard * k // shards, (shard + 1) * k // shards
+    return min(first * size, n), min(last * size, n)
+
+
+def _chunks(ctx: StageContext, prefix: str, index: int, rows: list[Candidate], size: int) -> Any:
+    from ..chunks import Chunks
+
+    return Chunks(_ChunkView(ctx, prefix, index), [f"{c.id}#{c.path}" for c in rows], size)  # type: ignore[arg-type]
+
+
+def score_pass(fr: FilterRun, cands: list[Candidate], size: int) -> dict[str, Any]:
+    """Score this process's rows (its shard's, or all) for every scoring filter, chunk by chunk,
+    each chunk committed on its own; chunks an earlier attempt committed are reused."""
+    ctx = fr.ctx
+    task = ctx.task
+    start, stop = _shard_rows(len(cands), size, ctx.shard, task.shards)
+    rows = cands[start:stop]
+    # How far each row gets through the relaxed chain: filter i scores the rows with reach > i.
+    reach = [len(task.filters)] * len(rows)
+    scored: dict[str, int] = {}
+    reused = total = 0
+    for i, f in enumerate(task.filters):
+        # Every chunk is committed, empty or not: the merge reads the whole plan.
+        if f.kind in SCORERS:
+            def work(chunk: Any, writer: Any, i: int = i, kind: str = f.kind, params: Any = f.params) -> dict:
+                todo = [c for j, c in zip(range(chunk.start, chunk.stop), chunk.rows(rows)) if reach[j] > i]
+                records: list[dict[str, Any]] = []
+                extra: dict[str, Any] = {}
+                if todo:
+                    records, extra = SCORERS[kind](fr, todo, params)
+                    fr.scorer_calls += 1
+                writer.write_jsonl(SCORES, ({"id": c.id, "path": c.path, **r} for c, r in zip(todo, records)))
+                stats: dict[str, Any] = {"scored": len(todo)}
+                if extra:
+                    stats["extra"] = extra
+                if kind == "distributionShift" and todo:
+                    stats["validLosses"] = fr.valid_losses
+                ctx.progress(chunk.index + 1, len(chunks.chunks), f"chunks of filters[{i}].{kind}")
+                return stats
+
+            chunks = _chunks(ctx, ctx.prefix, i, rows, size)
+            results = chunks.run(work)
+            scored[str(i)] = sum(int(r.stats.get("scored", 0)) for r in results)
+            reused += sum(r.reused for r in results)
+            total += len(results)
+        test = _relaxed(fr, f.kind, f.params)
+        if test is not None:
+            reach = [r if r <= i or test(c) else i + 1 for r, c in zip(reach, rows)]
+    return {"rows": [start, stop], "scored": scored, "chunks": total, "reusedChunks": reused}
+
+
+def load_scores(fr: FilterRun, cands: list[Candidate], size: int, prefixes: list[str]) -> None:
+    """Read the committed scores of every chunk (each shard's, in shard order) into `fr.scored`
+    and `fr.extras`; the first chunk's validation losses are the run's."""
+    from ..storage import iter_committed
+
+    task = fr.ctx.task
+    for i, f in enumerate(task.filters):
+        if f.kind not in SCORERS:
+            continue
+        table = fr.scored.setdefault(i, {})
+        for shard, prefix in enumerate(prefixes):
+            start, stop = _shard_rows(len(cands), size, shard if len(prefixes) > 1 else None, len(prefixes))
+            chunks = _chunks(fr.ctx, prefix, i, cands[start:stop], size)
+            for chunk in chunks.chunks:
+                stats = chunks.committed(chunk)
+                if stats is None:
+                    raise RuntimeError(f"filters[{i}].{f.kind}: chunk {chunk.index} of the scores under "
+                                       f"{chunks.prefix} is missing or damaged; a retry scores it again")
+                if stats.get("extra"):
+                    fr.extras.setdefault(i, []).append(stats["extra"])
+                if stats.get("validLosses") is not None:
+                    if fr.valid_losses is None:
+                        fr.valid_losses = stats["validLosses"]
+                    elif stats["validLosses"] != fr.valid_losses:
+                        fr.ctx.log.warning(f"filters[{i}].distributionShift: chunk {chunk.index} under {prefix} "
+                                           "computed other validation losses; the first chunk's are used")
+                for line in iter_committed(fr.ctx.storage, chunks.prefix_of(chunk), SCORES):
+                    rec = json.loads(line)
+                    table[(rec.pop("id"), rec.pop("path"))] = rec
+
+
+@dataclass
+class _Inputs:
+    votes: dict[str, dict[str, Any]]
+    cands: list[Candidate]
+    no_majority: int
+    fr: FilterRun
+    texts: SampleTexts
+
+
+def _load(ctx: StageContext) -> _Inputs:
+    """Everything the stage reads before any model loads; bad input fails here, in every shard."""
     task = ctx.task
     assert task.inputs.samples and task.inputs.votes and task.filters
     kinds = [f.kind for f in task.filters]
     votes = load_votes(ctx, task.inputs.votes)
-    cands, no_majority = load_candidates(ctx, task.inputs.samples, votes)
+    texts = SampleTexts(local_samples(ctx, task.inputs.samples))
+    cands, no_majority = load_candidates(ctx, task.inputs.samples, votes, texts)
     validation = load_validation(ctx, task.prompting.answer) if "distributionShift" in kinds else []
     if "self" in kinds and task.model.adapter:
         ctx.local_dir(task.model.adapter)  # fetch (and fail on a bad URI) before any model loads
@@ -442,18 +788,23 @@ def run(ctx: StageContext) -> StageOutcome:
         from .filter_extra import load_labels
 
         labels = load_labels(ctx, [i for i, f in enumerate(task.filters) if FILTERS[f.kind].labels][0])
-    n_candidates = len(cands)
-    ctx.log.info(f"{n_candidates} candidates from {len(votes)} questions "
+    ctx.log.info(f"{len(cands)} candidates from {len(votes)} questions "
                  f"({no_majority} paths of questions without an answer left out); filters: {', '.join(kinds)}")
-
     if not cands:
         raise BadInput(f"filters: no candidates to filter: none of the {len(votes)} questions got an answer from its sampled "
                        f"paths ({no_majority} paths without one), so there is nothing to train on; check prompting.answer "
                        "(how answers are read) and sampling.maxTokens (paths cut short)")
-
     rationalize = any(getattr(f.get("correct"), "rationalize", False) for f in task.filters)
     pool = EnginePool(ctx, lora_for_base=("self" in kinds or rationalize) and task.model.adapter is not None)
-    fr = FilterRun(ctx, pool, validation, labels or {})
+    return _Inputs(votes, cands, no_majority, FilterRun(ctx, pool, validation, labels or {}), texts)
+
+
+def _select(ctx: StageContext, inp: _Inputs, scoring: dict[str, Any]) -> StageOutcome:
+    """The filter chain over every candidate, with the scores the pass committed: the global
+    selections, kept.jsonl and rejected.jsonl exactly as one process would write them."""
+    task, fr = ctx.task, inp.fr
+    cands = inp.cands
+    n_candidates = len(cands)
     steps: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     try:
@@ -461,21 +812,26 @@ def run(ctx: StageContext) -> StageOutcome:
             t0 = time.perf_counter()
             before = len(cands)
             given = cands
+            fr.current = i
             cands, info = FILTERS[f.kind].load()(fr, cands, f.params)
-            kept_now = {id(c) for c in cands}
-            dropped = [c for c in given if id(c) not in kept_now]
-            rejected.extend({**c.row(), "rejectedBy": f.kind, "filterIndex": i} for c in dropped[:REJECTED_EXAMPLES])
+            for c in cands:  # a stamp, not a set of every kept candidate: memory
+                c.mark = i
+            dropped = (c for c in given if c.mark != i)
+            rejected.extend({**c.row(), "rejectedBy": f.kind, "filterIndex": i}
+                            for c in itertools.islice(dropped, REJECTED_EXAMPLES))
+            del given, dropped
             steps.append({"kind": f.kind, "in": before, "out": len(cands),
                           "seconds": round(time.perf_counter() - t0, 3), **info})
             ctx.log.info(f"filter {f.kind}: {before} → {len(cands)}")
             if not cands:
                 raise BadInput(kept_nothing(i, f.kind, f.params, before, info))
             ctx.progress(i + 1, len(task.filters), "filters")
+        fr.current = None
+        ctx.writer.write_jsonl(KEPT, (c.row() for c in cands))
+        ctx.writer.write_jsonl(REJECTED, rejected)
     finally:
-        pool.close()
-
-    ctx.writer.write_jsonl(KEPT, (c.row() for c in cands))
-    ctx.writer.write_jsonl(REJECTED, rejected)
+        fr.pool.close()
+        inp.texts.close()
     kept_questions = len({c.id for c in cands})
     metrics: dict[str, Any] = {"candidates": n_candidates, "kept": len(cands), "keptQuestions": kept_questions}
     if cands:
@@ -484,6 +840,58 @@ def run(ctx: StageContext) -> StageOutcome:
     return StageOutcome(
         metrics=metrics,
         outputs={"kept": KEPT, "rejected": REJECTED},
-        details={"filters": steps, "questions": len(votes), "pathsWithoutMajority": no_majority,
-                 "engineLoads": pool.loads},
+        details={"filters": steps, "questions": len(inp.votes), "pathsWithoutMajority": inp.no_majority,
+                 "scoring": scoring, "engineLoads": scoring.get("engineLoads", 0) + fr.pool.loads},
     )
+
+
+def run(ctx: StageContext) -> StageOutcome:
+    """One process: score every candidate (chunks committed as they finish), then select. One
+    shard of several: score its chunks only; the last shard to commit merges (`merge`)."""
+    inp = _load(ctx)
+    size = chunk_size(CHUNK_CANDIDATES)
+    try:
+        scoring = score_pass(inp.fr, inp.cands, size)
+    finally:
+        inp.fr.pool.close()
+    scoring.update(chunkCandidates=size, engineLoads=inp.fr.pool.loads)
+    inp.fr.pool.loads = 0
+    if ctx.shard is not None:
+        inp.texts.close()
+        return StageOutcome(metrics={"candidates": scoring["rows"][1] - scoring["rows"][0],
+                                     "scored": sum(scoring["scored"].values())},
+                            details={"scoring": scoring})
+    load_scores(inp.fr, inp.cands, size, [ctx.prefix])
+    return _select(ctx, inp, {k: v for k, v in scoring.items() if k != "rows"})
+
+
+def merge(ctx: StageContext, shard_dirs: list[str]) -> StageOutcome:
+    """The whole stage from its shards' committed scores: the chain runs once over all of them,
+    so the files and metrics are those of a one-shard run."""
+    from ..runtime import shard_details
+
+    inp = _load(ctx)
+    parts = [d.get("scoring", {}) for d in shard_details(ctx, shard_dirs)]
+    sizes = {p.get("chunkCandidates") for p in parts}
+    if len(sizes) != 1:
+        raise RuntimeError(f"filter: the shards scored in chunks of different sizes ({sorted(map(str, sizes))})")
+    size = int(sizes.pop())
+    load_scores(inp.fr, inp.cands, size, shard_dirs)
+    scored: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.get("scored", {}).items():
+            scored[k] = scored.get(k, 0) + v
+    scoring = {"scored": scored, "chunks": sum(p.get("chunks", 0) for p in parts),
+               "reusedChunks": sum(p.get("reusedChunks", 0) for p in parts), "chunkCandidates": size,
+               "engineLoads": sum(p.get("engineLoads", 0) for p in parts), "shards": len(shard_dirs)}
+    return _select(ctx, inp, scoring)
+
+
+def _register_scorers() -> None:
+    from .filter_extra import reward_scores
+
+    SCORERS.update({"distributionShift": ds_scores, "judge": judge_scores, "self": self_scores,
+                    "diversity": embedding_scores, "rewardModel": reward_scores})
+
+
+_register_scorers()

@@ -215,6 +215,13 @@ def load_reward_model(path: str, dtype_name: str = "auto", gpus: int = 0) -> tup
 def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_length: int,
                 device: str = "cpu") -> tuple[list[float], int]:
     """The reward of each text (batched by length, right-padded, masked), and how many were truncated."""
+    scores, truncated = score_each(model, tokenizer, texts, batch_size, max_length, device)
+    return scores, sum(truncated)
+
+
+def score_each(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_length: int,
+               device: str = "cpu") -> tuple[list[float], list[bool]]:
+    """The reward of each text and whether it was truncated to `max_length` tokens."""
     import torch
 
     lengths = [len(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
@@ -228,23 +235,31 @@ def score_texts(model: Any, tokenizer: Any, texts: list[str], batch_size: int, m
             logits = model(**enc).logits.float()[:, 0]
             for i, v in zip(idx, logits.tolist()):
                 scores[i] = float(v)
-    return scores, sum(n > max_length for n in lengths)
+    return scores, [n > max_length for n in lengths]
+
+
+def reward_scores(fr: "FilterRun", cands: list["Candidate"], spec: "RewardModelFilter") -> tuple[list[dict], dict]:
+    """Each candidate's reward; the reward model takes the stage's one model slot (the engine
+    pool closes what it held) and stays loaded for the next chunk."""
+    task = fr.ctx.task
+    path = str(fr.ctx.local_dir(spec.model))
+    model, tokenizer, device = fr.pool.get_other(
+        f"reward:{path}", lambda: load_reward_model(path, task.engine.dtype, task.gpus), lambda loaded: None)
+    texts = [reward_texts(tokenizer, c.question, c.text, task.prompting.chat_template) for c in cands]
+    scores, truncated = score_each(model, tokenizer, texts, spec.batch_size, spec.max_length, device)
+    return [{"reward": s, **({"truncated": True} if t else {})} for s, t in zip(scores, truncated)], {}
 
 
 def reward_model(fr: "FilterRun", cands: list["Candidate"], spec: "RewardModelFilter") -> tuple[list["Candidate"], dict]:
     from ..selection import top_fraction
+    from .filter import scores_of
 
     rule = {"keep": spec.keep} if spec.keep is not None else {"minScore": spec.min_score}
     if not cands:
         return [], {**rule, "model": spec.model}
-    task = fr.ctx.task
-    fr.pool.close()  # one model in memory at a time
-    model, tokenizer, device = load_reward_model(str(fr.ctx.local_dir(spec.model)), task.engine.dtype, task.gpus)
-    try:
-        texts = [reward_texts(tokenizer, c.question, c.text, task.prompting.chat_template) for c in cands]
-        scores, truncated = score_texts(model, tokenizer, texts, spec.batch_size, spec.max_length, device)
-    finally:
-        del model
+    records = scores_of(fr, "rewardModel", cands, spec)
+    scores = [r["reward"] for r in records]
+    truncated = sum(1 for r in records if r.get("truncated"))
     for c, s in zip(cands, scores):
         c.scores["reward"] = s  # unrounded: minScore compares exactly what is recorded
     if truncated:
