@@ -16,8 +16,9 @@ Why these choices:
   is a BadInput naming the field.
 - **Bounded concurrency**: a thread pool of `maxConcurrency` (the client is thread-safe; requests
   are I/O-bound), so a hosted API's rate limit is approached from below, not hammered.
-- **Seeds** per request as the local vLLM engine draws them (`prompt_seed(seed, i)`), where the
-  server honours `seed`.
+- **Seeds** per request as the local vLLM engine draws them (`prompt_seed(seed, i)`, or
+  `prompt_seed(seed, key)` with `seed_keys`: a question samples the same in any batch or shard),
+  where the server honours `seed`.
 
 Usage (`prompt_tokens`, `completion_tokens` of each answer), requests, retries and their causes
 are counted in `EndpointStats` for the stage's metrics and result.json.
@@ -249,12 +250,17 @@ class EndpointClient:
 
     # ------------------------------------------------------------------ a batch
     def chat(self, requests: Sequence[Sequence[Message]], *, temperature: float, max_tokens: int,
-             seed: int | None = None, progress: Callable[[int, int], None] | None = None) -> list[Reply]:
+             seed: int | None = None, seed_keys: Sequence[str] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> list[Reply]:
         """One reply per request, in order; at most maxConcurrency in flight. The first request
-        that fails for good cancels those not started and raises."""
+        that fails for good cancels those not started and raises. Request i is seeded
+        `prompt_seed(seed, seed_keys[i])` (its position i without keys), as the vLLM engine does."""
         if not requests:
             return []
-        bodies = [self._body(m, temperature, max_tokens, None if seed is None else prompt_seed(seed, i))
+        if seed_keys is not None and len(seed_keys) != len(requests):
+            raise ValueError(f"seed_keys: {len(seed_keys)} keys for {len(requests)} requests")
+        bodies = [self._body(m, temperature, max_tokens,
+                             None if seed is None else prompt_seed(seed, i if seed_keys is None else seed_keys[i]))
                   for i, m in enumerate(requests)]
         t0 = time.monotonic()
         out: list[Reply | None] = [None] * len(bodies)
