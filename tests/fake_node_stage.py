@@ -23,8 +23,17 @@ def body(ctx) -> StageOutcome:
         return plain_body(ctx)
     k = int(os.environ["JOB_COMPLETION_INDEX"])
     endpoint, rdzv_id = os.environ["SELFIMPROVE_RDZV_ENDPOINT"], os.environ["SELFIMPROVE_RDZV_ID"]
-    with open(os.environ["FAKE_NODE_LEDGER"], "a") as f:
+    ledger = os.environ["FAKE_NODE_LEDGER"]
+    with open(ledger, "a") as f:
         f.write(f"{task.round}:{task.stage.value}:{task.attempt}:node{k}:{rdzv_id}:{endpoint}\n")
+    # The rendezvous: no node goes on before all have joined (else node 0 could commit before a
+    # slower-starting node's runtime even looks, and that node would skip its body as complete).
+    mine = f"{task.round}:{task.stage.value}:{task.attempt}:"
+    deadline = time.monotonic() + 60
+    while sum(line.startswith(mine) for line in open(ledger).read().split()) < task.nodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the other nodes never joined the rendezvous")
+        time.sleep(0.05)
     fail = os.environ.get("FAKE_NODE_FAIL", "")
     if fail == f"{task.attempt}:node{k}":
         time.sleep(0.5)

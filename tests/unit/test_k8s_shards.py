@@ -167,3 +167,19 @@ def test_the_cache_keeps_what_observing_shards_needs():
     # A shard finishing changes what the planner sees: the Job's event is not skipped.
     assert job_signature(job(completedIndexes="0")) != job_signature(job(completedIndexes="0-1"))
     assert job_signature(job(completedIndexes="0", active=2)) == job_signature(job(completedIndexes="0", active=1))
+
+
+def test_a_failed_node_of_a_multi_node_train_job_is_named():
+    """A multi-node train Job (Indexed, not sharded): the failure says which node, and the
+    cache keeps the annotation that says it has several."""
+    name = "demo-r1-train"
+    j = job(conditions=[cond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])
+    j["metadata"]["name"] = name
+    j["metadata"]["labels"]["selfimprove.dev/stage"] = "train"
+    ann = j["metadata"]["annotations"]
+    del ann["selfimprove.dev/shards"]
+    ann["selfimprove.dev/nodes"] = "2"
+    log = '{"level": "error", "msg": "NCCL timeout"}'
+    o, _ = obs(slim_job(j), [pod(0, "Running", name, running={}),
+                             pod(1, "Failed", name, terminated={"exitCode": 1, "reason": "Error", "message": log})])
+    assert (o.state, o.message, o.completed_shards) == ("failed", "node 1: NCCL timeout", frozenset())

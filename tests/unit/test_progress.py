@@ -184,3 +184,31 @@ def test_the_planner_says_how_many_shards_are_done():
     obs = Observed(attempt=1, state="running", report=slog.ProgressRecord(150, 400, "paths", "2026-01-01T00:00:00Z", 65.0))
     prog = stage_progress(status, {(1, "sample"): obs}, None)
     assert prog.summary == "sample 37% (150/400 paths, 1m05s left; shards 1/4)"
+
+
+def test_a_multi_node_jobs_progress_is_read_from_node_0():
+    """Only global rank 0 logs progress, and on an Indexed Job index 0's pod holds it: the
+    reader reads that pod, not the newest one (which may be another node)."""
+    from selfimprove_operator.k8s.cache import RunState
+    from selfimprove_operator.k8s.progress import ProgressReader
+
+    _, status = _running()
+    job = next(s for s in status.rounds[0].stages if s.state == "Running").job
+
+    class Kube:
+        def __init__(self):
+            self.paths = []
+
+        async def text(self, path, params=None):
+            self.paths.append(path)
+            return json.dumps({"ts": "t", "progress": {"done": 3, "total": 10, "unit": "steps"}}) + "\n"
+
+    kube = Kube()
+    reader = ProgressReader(kube, interval=10.0, rate=100.0, clock=Clock(0.0))  # type: ignore[arg-type]
+    state = RunState()
+    for index, created in ((1, "2026-01-01T00:00:02Z"), (0, "2026-01-01T00:00:01Z")):  # node 1 is the newest
+        state.pods[f"n-{index}"] = {"metadata": {
+            "name": f"n-{index}", "labels": {"job-name": job}, "creationTimestamp": created,
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}}, "status": {"phase": "Running"}}
+    asyncio.run(reader.poll(("default", "p"), state, status))
+    assert kube.paths == ["/api/v1/namespaces/default/pods/n-0/log"]

@@ -35,6 +35,7 @@ from .jobs import (
     COMPLETION_INDEX_KEY,
     CONTAINER,
     JOB_NAME_LABELS,
+    NODES_ANNOTATION,
     ROUND_LABEL,
     SHARD_INDEXES_ANNOTATION,
     SHARDS_ANNOTATION,
@@ -299,6 +300,9 @@ def observe_job(
         if sharding is not None and failed_pod is not None and (k := completion_index(failed_pod)) is not None \
                 and k < len(sharding[1]):
             message = f"shard {sharding[1][k]}: {message}" if message else f"shard {sharding[1][k]} failed"
+        elif _nodes(job) > 1 and failed_pod is not None and (k := completion_index(failed_pod)) is not None:
+            # one node of a multi-node train Job: which one failed (the others stop with it)
+            message = f"node {k}: {message}" if message else f"node {k} failed"
         return Observed(attempt=attempt, state="failed", result=result, exit_code=exit_code, reason=reason, message=message,
                         completed_shards=done_shards)
 
@@ -384,8 +388,16 @@ def _record_start(job: JobBody, pod: PodBody, out: Observation) -> None:
 
 # =========================================================================== what matters
 _META_KEPT = ("name", "namespace", "uid", "labels", "ownerReferences", "creationTimestamp", "deletionTimestamp")
-# The only annotations observing reads: a sharded Job's shards, a pod's completion index.
-_ANNOTATIONS_KEPT = (SHARDS_ANNOTATION, SHARD_INDEXES_ANNOTATION, COMPLETION_INDEX_KEY)
+# The only annotations observing reads: a sharded Job's shards, a multi-node Job's nodes, a pod's
+# completion index.
+_ANNOTATIONS_KEPT = (SHARDS_ANNOTATION, SHARD_INDEXES_ANNOTATION, NODES_ANNOTATION, COMPLETION_INDEX_KEY)
+
+
+def _nodes(job: JobBody) -> int:
+    try:
+        return int(((job.get("metadata") or {}).get("annotations") or {}).get(NODES_ANNOTATION) or 1)
+    except ValueError:
+        return 1
 
 
 def _slim_meta(meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -139,7 +139,10 @@ class ProgressReader:
         assert self.bucket is not None
         shards = _shard_counts(stage.shards)
         if shards is None:
-            chosen: list[tuple[int | None, PodBody]] = [(None, pods[-1])]
+            # One pod; or the nodes of a multi-node train Job, where only global rank 0 logs
+            # progress: index 0's pod, whose hostname sorts first in the rendezvous.
+            indexed = sorted(((k, p) for p in pods if (k := completion_index(p)) is not None), key=lambda kp: kp[0])
+            chosen: list[tuple[int | None, PodBody]] = [(None, indexed[0][1] if indexed else pods[-1])]
         else:
             poll.shards, poll.finished = shards[1], len(stage.completed_shards or ())
             by_index = {k: p for p in pods if (k := completion_index(p)) is not None}
