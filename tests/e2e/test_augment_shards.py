@@ -121,6 +121,30 @@ def test_two_shards_augment_through_the_served_teacher_exactly_as_one(served_tin
         assert mine == [f"aug-r1-{source}-{j}" for j in range(len(mine))]
 
 
+def test_two_shards_filter_the_teachers_examples_in_the_merge_exactly_as_one(served_tiny, tiny_reward_model_dir: Path,
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """augment.filters (a reward model keeping half, local weights) run once, over the merged
+    items: the kept and rejected files of two shards are one shard's, byte for byte."""
+    import math
+
+    predictions = write_jsonl(tmp_path / "seed_predictions.jsonl", PREDICTIONS)
+    served = _served_task(tmp_path, served_tiny, NUMERIC_ITEM, predictions, threshold=0.99)
+
+    def make(out: str, shards: int) -> dict[str, Any]:
+        task = served(out, shards)
+        task["augment"]["filters"] = [{"rewardModel": {"model": str(tiny_reward_model_dir), "keep": 0.5}}]
+        return task
+
+    one, _, details = _one_and_two(make, tmp_path, monkeypatch)
+    assert (tmp_path / "two" / "rejected.jsonl").read_bytes() == (tmp_path / "one" / "rejected.jsonl").read_bytes()
+    [step] = details["filters"]
+    rows, rejected = _rows(tmp_path / "one" / "augmented.jsonl"), _rows(tmp_path / "one" / "rejected.jsonl")
+    assert step["kind"] == "rewardModel" and step["out"] == len(rows) == math.ceil(0.5 * step["in"]) > 0
+    assert len(rejected) == step["in"] - len(rows) == one["metrics"]["filteredOut"]
+    assert min(r["reward"] for r in rows) >= max((r["reward"] for r in rejected), default=-math.inf)
+
+
 def test_a_choice_task_augments_with_labels_and_counts_the_rest(served_tiny, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     predictions = write_jsonl(tmp_path / "seed_predictions.jsonl", CHOICE_PREDICTIONS)

@@ -77,10 +77,10 @@ def test_augment_through_the_served_teacher_with_retries(served_tiny, tmp_path: 
     assert "vLLM engine" not in stderr  # no local engine started
 
 
-def _direct_score(served: Any, messages: list[dict[str, str]]) -> str:
+def _direct_score(served: Any, messages: list[dict[str, str]], regex: str = SCORE) -> str:
     """The served judge's reply to `messages`, asked directly (not through selfimprove's client)."""
     body = {"model": served.model, "messages": messages, "temperature": 0.0, "max_tokens": 8,
-            "structured_outputs": {"regex": SCORE}}
+            "structured_outputs": {"regex": regex}}
     req = urllib.request.Request(served.url + "/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
@@ -115,6 +115,44 @@ def test_the_judge_filter_scores_through_the_served_judge(served_tiny, tmp_path:
     step = json.loads((out / "result.json").read_text())["details"]["filters"][0]
     assert step["endpoint"]["requests"] == 6 and step["model"] == f"{served_tiny.url} ({served_tiny.model})"
     assert step["endpoint"]["promptTokens"] == m["judgePromptTokens"]
+    assert "vLLM engine" not in stderr
+
+
+@pytest.mark.parametrize("regex, kept", [(r"5\n[a-z]{1,6}", 6), (r"[45]\n[a-z]{1,6}", 0)], ids=["rated-5", "rated-4"])
+def test_the_teachers_examples_pass_the_served_judge_at_alpagasus_threshold(served_tiny, tmp_path: Path, regex, kept):
+    """LLM2LLM with `augment.filters: [judge minScore 4.5]`: the served teacher writes six items and
+    the served judge rates each — as a direct request with AlpaGasus's messages rates it. The tiny
+    random model's greedy choice does not depend on the prompt (it rates every item alike), so
+    the two sides of 4.5 are two runs: structured to answer 5, every item is kept; allowed 4 or 5,
+    it answers 4 and every item lands in rejected.jsonl with its score, the round adding nothing
+    (a warning, not a failure)."""
+    from selfimprove_workers.selection import parse_score
+    from selfimprove_workers.stages.filter import judge_messages
+
+    predictions = write_jsonl(tmp_path / "seed_predictions.jsonl", [
+        {"id": "s1", "question": "Ann has 3 apples and buys 4 more. How many apples?", "correct": False, "gold": "7"},
+        {"id": "s2", "question": "A box holds 6 pens. How many pens are in 3 boxes?", "correct": False, "gold": "18"},
+        {"id": "s3", "question": "Tom reads 5 pages a day. How many pages in 4 days?", "correct": False, "gold": "20"}])
+    teacher = {"url": served_tiny.url, "model": served_tiny.model, "extraBody": {"structured_outputs": {"regex": TWO_ITEMS}}}
+    judge = {"url": served_tiny.url, "model": served_tiny.model, "extraBody": {"structured_outputs": {"regex": regex}}}
+    out = tmp_path / "augment"
+    rc, summary, stderr = run_worker(task("augment", out, {"teacherEndpoint": teacher, "judgeEndpoint": judge},
+                                          inputs={"predictions": str(predictions)},
+                                          augment={"perExample": 2, "maxTokens": 400, "retries": 0,
+                                                   "filters": [{"judge": {"minScore": 4.5, "maxTokens": 8}}]}), tmp_path)
+    assert rc == 0, stderr[-3000:]
+    assert summary is not None
+    rows, rejected = read_jsonl(out / "augmented.jsonl"), read_jsonl(out / "rejected.jsonl")
+    assert (len(rows), len(rejected)) == (kept, 6 - kept)
+    for row in rows + rejected:
+        direct = parse_score(_direct_score(served_tiny, judge_messages(row["question"], row["answer"]), regex), 5.0)
+        assert direct is not None and row["judgeScore"] == direct and (row in rows) == (direct >= 4.5), row
+    assert all(r["rejectedBy"] == "judge" and r["filterIndex"] == 0 for r in rejected)
+    m = summary["metrics"]
+    assert (m["augmented"], m["filteredOut"], m["judgeHttpRequests"]) == (kept, 6 - kept, 6), m
+    [step] = json.loads((out / "result.json").read_text())["details"]["filters"]
+    assert (step["kind"], step["in"], step["out"], step["minScore"]) == ("judge", 6, kept, 4.5)
+    assert ("kept none of the 6 new examples" in stderr) == (kept == 0)
     assert "vLLM engine" not in stderr
 
 

@@ -86,6 +86,27 @@ def test_conflicting_forms_are_refused_by_the_model_and_the_crd_naming_the_field
     assert len(cel) == 1 and f"{field}: " in cel[0], cel_causes(served, body)
 
 
+def test_the_teachers_output_may_pass_a_served_judge(served):
+    """augment.filters: a judge at AlpaGasus's 4.5 uses model.judgeEndpoint (which then needs no
+    other judge filter); the task of the augment stage carries the filters."""
+    body = {**llm2llm(judgeEndpoint=ENDPOINT), "augment": {"filters": [{"judge": {"minScore": 4.5}}]}}
+    assert errors(body) == [] and cel_causes(served, body) == []
+    augment = next(s for s in starts_of(body) if s.stage == "augment")
+    assert [f.kind for f in augment.task.augment.filters] == ["judge"]
+    assert augment.task.augment.filters[0].params.min_score == 4.5
+    assert augment.task.model.judge_endpoint is not None
+
+
+@pytest.mark.parametrize("kind", ["consistency", "entropy", "self", "correct", "distributionShift"])
+def test_augment_filters_that_cannot_rate_a_new_example_are_refused(served, kind):
+    params = {"keep": 0.5} if kind == "distributionShift" else {}
+    body = {**llm2llm(), "augment": {"filters": [{"rewardModel": {"model": "s3://m/rm/", "keep": 0.5}}, {kind: params}]}}
+    found = errors(body)
+    assert len(found) == 1 and found[0].startswith("augment.filters: ") and f"[1]: a {kind} filter" in found[0], found
+    cel = cel_causes(served, body)
+    assert any("augment.filters: only judge, rewardModel, diversity filters" in c for c in cel), cel
+
+
 @pytest.mark.parametrize("url", ["https://user:sk-secret@api.example.com/v1", "ftp://api.example.com/v1",
                                  "https://api.example.com/v1?key=sk-secret", "api.example.com/v1", "https:// x/v1"])
 def test_a_bad_url_is_refused_naming_the_field_and_never_echoed(served, url):

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from .constants import JUDGE_API_KEY_ENV, TEACHER_API_KEY_ENV
-from .rules import AnyItemHas, Has, Not, Rule
+from .rules import AnyItemHas, AnyOf, Has, Not, Rule
 from .spec import WireModel
 
 __all__ = ["Endpoint", "EndpointUrl", "ENDPOINT_RULES", "TEACHER_API_KEY_ENV", "JUDGE_API_KEY_ENV"]
@@ -78,10 +78,13 @@ ENDPOINT_RULES: tuple[Rule, ...] = (
     Rule(require=Not(Has("model.teacher")), field="model.teacherEndpoint",
          message="set model.teacher (weights) or model.teacherEndpoint (a served model), not both",
          when=Has("model.teacherEndpoint")),
-    Rule(require=Not(AnyItemHas("filters", "judge.model")), field="model.judgeEndpoint",
-         message="set filters[].judge.model (weights) or model.judgeEndpoint (a served model), not both",
+    Rule(require=Not(AnyOf((AnyItemHas("filters", "judge.model"), AnyItemHas("augment.filters", "judge.model")))),
+         field="model.judgeEndpoint",
+         message="set filters[].judge.model or augment.filters[].judge.model (weights) or model.judgeEndpoint "
+                 "(a served model), not both",
          when=Has("model.judgeEndpoint")),
-    Rule(require=AnyItemHas("filters", "judge"), field="model.judgeEndpoint",
-         message="is set but no filter is a judge filter (filters[].judge) to use it",
+    Rule(require=AnyOf((AnyItemHas("filters", "judge"), AnyItemHas("augment.filters", "judge"))),
+         field="model.judgeEndpoint",
+         message="is set but no filter is a judge filter (filters[].judge or augment.filters[].judge) to use it",
          when=Has("model.judgeEndpoint")),
 )

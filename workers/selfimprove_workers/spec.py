@@ -20,6 +20,7 @@ from pydantic.alias_generators import to_camel
 
 from .filter_registry import FILTERS, filter_kinds, register_filter
 from .model_refs import ModelRef
+from .rules import AnyItemHas, AnyOf, Not, Rule
 
 
 class WireModel(BaseModel):
@@ -408,6 +409,35 @@ class AugmentSpec(WireModel):
         0.95, description="Drop a new question whose ROUGE-L against an existing one exceeds this."
     )
     retries: int = Field(1, ge=0, le=10, description="Extra requests for examples lost to filtering.")
+    filters: list[FilterSpec] = Field(
+        default_factory=list, max_length=8,
+        description="Filters the teacher's new examples pass before anything trains on them, in order, each "
+        "example rated as its question and worked solution: e.g. `- judge: {minScore: 4.5}` (AlpaGasus; the "
+        "judge is model.judge, model.judgeEndpoint or the teacher), rewardModel, diversity. Filters that need "
+        "sampled votes (consistency, entropy), the student (self), gold answers (correct) or validation "
+        "losses (distributionShift) cannot rate a new question and are refused.")
+
+    @field_validator("filters")
+    @classmethod
+    def _rateable(cls, v: list[FilterSpec]) -> list[FilterSpec]:
+        for i, f in enumerate(v):
+            if f.kind not in AUGMENT_FILTERS:
+                raise ValueError(f"[{i}]: a {f.kind} filter cannot rate the teacher's new examples (they have no "
+                                 f"sampled votes, student ratings, gold answers or validation losses); use one of "
+                                 f"{', '.join(AUGMENT_FILTERS)}")
+        return v
+
+
+# The filters that rate one (question, worked solution) on its own or among its peers: what a
+# teacher's new example is (augment.filters).
+AUGMENT_FILTERS: tuple[str, ...] = ("judge", "rewardModel", "diversity")
+
+
+def augment_rules() -> tuple[Rule, ...]:
+    """The same refusal as CEL, so `kubectl apply` says it too."""
+    others = tuple(AnyItemHas("augment.filters", k) for k in filter_kinds() if k not in AUGMENT_FILTERS)
+    return (Rule(require=Not(AnyOf(others)), field="augment.filters",
+                 message=f"only {', '.join(AUGMENT_FILTERS)} filters can rate the teacher's new examples"),)
 
 
 # --------------------------------------------------------------------------- engine

@@ -76,11 +76,14 @@ def strategy_names() -> tuple[str, ...]:
 
 
 def spec_rules() -> tuple[Rule, ...]:
-    """Every strategy's rules, every filter's and the served models' (endpoints.py), in a stable order."""
+    """Every strategy's rules, every filter's, the served models' (endpoints.py) and augment.filters'
+    kinds, in a stable order."""
     from selfimprove_workers.endpoints import ENDPOINT_RULES
     from selfimprove_workers.filter_registry import filter_rules
+    from selfimprove_workers.spec import augment_rules
 
-    return tuple(r for s in _STRATEGIES.values() for r in s.spec_rules()) + filter_rules() + ENDPOINT_RULES
+    return (tuple(r for s in _STRATEGIES.values() for r in s.spec_rules()) + filter_rules() + ENDPOINT_RULES
+            + augment_rules())
 
 
 # The built-in strategies, in the order of the CRD's enum (registration order, so imported by

@@ -24,6 +24,13 @@ examples the student got wrong.
    accepted items and asking for "n more, different ones" (as the LLM2LLM code does).
 6. Then, over all seed examples in input order, drop an item too similar to one accepted for an
    earlier seed example (`crossDuplicates`, also counted in `duplicates`).
+7. With `augment.filters`, the surviving items pass those filters in order, as the filter stage
+   runs them (`stages/filter.py`; each item a candidate whose text is its worked solution and
+   whose answer is its own, vote-free): e.g. an AlpaGasus judge at `minScore: 4.5` keeps only the
+   items the judge (model.judge, model.judgeEndpoint, else the teacher) rates that high. What a
+   filter drops is in `rejected.jsonl` with the filter that dropped it and its scores; the
+   kept items keep their scores in `augmented.jsonl`. A filter that keeps nothing leaves the
+   round without new examples (a warning, not a failure: the seed set still trains).
 
 Why steps 4-6 are split (sharding, docs/architecture.md "Sharded stages"): steps 1-5 of one seed
 example depend only on that example and the existing questions, never on what the teacher wrote
@@ -62,6 +69,7 @@ from ..spec import AnswerSpec
 from ..storage import display_name, json_type_name, read_jsonl
 
 AUGMENTED = "augmented.jsonl"
+REJECTED = "rejected.jsonl"  # what augment.filters dropped, with the filter and its scores
 # A shard's accepted items before the cross-example dedup (step 6), in its seed examples' order.
 CANDIDATES = "candidates.jsonl"
 
@@ -582,6 +590,10 @@ def _finish(ctx: StageContext, groups: list[tuple[str, list[Item]]], parts: list
     kept, across = dedup_across(groups, spec.rouge_threshold)
     rows = [{"id": f"aug-r{task.round}-{source}-{j}", "question": it.question, "answer": it.answer, "source": source}
             for source, items in kept for j, it in enumerate(items)]
+    steps: list[dict[str, Any]] = []
+    filter_metrics: dict[str, Any] = {}
+    if spec.filters:
+        rows, steps, filter_metrics = _filter_items(ctx, rows)
     ctx.writer.write_jsonl(AUGMENTED, rows)
     total = {key: sum(int(p.get(f"{key}Count", 0)) for p in parts) for key in STAT_KEYS}
     wrong = sum(int(p.get("wrong", 0)) for p in parts)
@@ -601,6 +613,8 @@ def _finish(ctx: StageContext, groups: list[tuple[str, list[Item]]], parts: list
     }
     if served is not None:
         details["teacherEndpoint"] = served
+    if steps:
+        details["filters"] = steps
     if ctx.shard is None and task.shards > 1:
         details["shards"] = len(parts)
     metrics: dict[str, float | int | str | bool] = {
@@ -609,7 +623,50 @@ def _finish(ctx: StageContext, groups: list[tuple[str, list[Item]]], parts: list
     if served is not None:
         metrics.update({"teacherPromptTokens": served["promptTokens"], "teacherCompletionTokens": served["completionTokens"],
                         "teacherHttpRequests": served["httpRequests"], "teacherRetries": served["retries"]})
+    if steps:
+        metrics["filteredOut"] = steps[0]["in"] - len(rows)
+        metrics.update(filter_metrics)
     return StageOutcome(metrics=metrics, outputs={"augmented": AUGMENTED}, details=details)
+
+
+def _filter_items(ctx: StageContext, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Step 7: `augment.filters` over the new examples, the filter stage's own filter functions on
+    candidates made from them (one path each, its own answer as the majority, confidence 1);
+    returns the kept rows (with their scores), each filter's report, and the metrics the filters
+    add (a served judge's tokens). rejected.jsonl gets every dropped row."""
+    from ..filter_registry import FILTERS
+    from .filter import Candidate, EnginePool, FilterRun
+
+    spec = ctx.task.augment
+    assert spec is not None
+    by_id = {r["id"]: r for r in rows}
+    cands = [Candidate(r["id"], r["question"], 0, r["answer"], final, final, 1.0, 0.0)
+             for r in rows for final in [r["answer"].rsplit("####", 1)[-1].strip()]]
+    fr = FilterRun(ctx, EnginePool(ctx, lora_for_base=False), validation=[])
+    steps: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    try:
+        for i, f in enumerate(spec.filters):
+            given = cands
+            fr.current = i  # no scoring pass here: each filter scores what it is given, its reports its own
+            if given:
+                cands, info = FILTERS[f.kind].load()(fr, given, f.params)
+            else:
+                info = {}
+            kept_ids = {c.id for c in cands}
+            rejected.extend({**by_id[c.id], **c.scores, "rejectedBy": f.kind, "filterIndex": i}
+                            for c in given if c.id not in kept_ids)
+            steps.append({"kind": f.kind, "in": len(given), "out": len(cands), **info})
+            ctx.log.info(f"augment filter {f.kind}: {len(given)} → {len(cands)} new examples")
+            if given and not cands:
+                ctx.log.warning(f"augment.filters[{i}] ({f.kind}) kept none of the {len(given)} new examples: this round "
+                                "adds nothing to the training data; loosen the filter (e.g. judge.minScore) if that is "
+                                "not what you want")
+    finally:
+        fr.pool.close()
+    ctx.writer.write_jsonl(REJECTED, rejected)
+    kept = [{**by_id[c.id], **c.scores} for c in cands]
+    return kept, steps, dict(fr.metrics)
 
 
 def _sum_endpoint(parts: list[dict[str, Any]]) -> dict[str, Any]:
