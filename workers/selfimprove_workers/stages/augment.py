@@ -648,7 +648,7 @@ def _filter_items(ctx: StageContext, rows: list[dict[str, Any]]) -> tuple[list[d
     try:
         for i, f in enumerate(spec.filters):
             given = cands
-            fr.current = i  # no scoring pass here: each filter scores what it is given, its reports its own
+            fr.current = i  # no scoring pass here: each filter scores what it is given and keeps its own reports
             if given:
                 cands, info = FILTERS[f.kind].load()(fr, given, f.params)
             else:
