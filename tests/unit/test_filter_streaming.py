@@ -168,3 +168,33 @@ def test_two_shards_one_with_nothing_to_score_merge_into_the_one_shard_bytes(tmp
     assert {k: v for k, v in merged.metrics.items() if k != "seconds"} == \
         {k: v for k, v in one.metrics.items() if k != "seconds"}
     assert one.metrics["kept"] == 2  # ⌊0.7·3⌋ of q5's paths
+
+
+class _ShortContext:
+    """An engine with a 16-token context that measures prompts as the real engines do
+    (`completion_budget`): every judge or self-rating prompt is too long for it."""
+
+    tokenizer = None
+
+    def generate(self, prompts: list[str], params: Any, adapter: str | None = None) -> list[Any]:
+        from selfimprove_workers.engines.base import completion_budget
+
+        for i, p in enumerate(prompts):
+            completion_budget(len(p), params.max_tokens, 16, f"prompt {i}")
+        raise AssertionError("unreachable: every prompt is longer than 16")
+
+
+@pytest.mark.parametrize("kind, setting", [("judge", "filters[1].judge.model, model.judge or model.judgeEndpoint"),
+                                           ("self", "raise engine.maxModelLen")])
+def test_a_rating_prompt_the_model_cannot_hold_names_the_filter_and_what_to_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, setting: str) -> None:
+    from selfimprove_workers.errors import BadInput
+
+    inputs = _inputs(tmp_path)
+    monkeypatch.setattr(filter_stage.EnginePool, "get", lambda self, uri: _ShortContext())
+    filters = [{"consistency": {"minConfidence": 0.5}}, {kind: {}}]
+    with pytest.raises(BadInput) as err:
+        filter_stage.run(StageContext(_task(tmp_path / "out", inputs, filters), tmp_path / "w"))
+    message = str(err.value)
+    assert message.startswith(f"filters[1].{kind}: prompt 0: the prompt is ") and setting in message, message
+    assert "few-shot" not in message  # the engine's advice is for prompts the user writes

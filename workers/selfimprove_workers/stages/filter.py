@@ -332,6 +332,31 @@ FilterFn = Callable[[FilterRun, list[Candidate], Any], tuple[list[Candidate], di
 ScoreFn = Callable[[FilterRun, list[Candidate], Any], tuple[list[dict[str, Any]], dict[str, Any]]]
 
 
+# What to change when a filter's own prompt does not fit the model's context: the engine's
+# message can only say "shorten the prompt", which the user does not write for these filters.
+CONTEXT_HINTS = {
+    "judge": "the judge reads AlpaGasus's rating prompt (question, response and instructions): judge with "
+             "a model whose context holds it (filters[{i}].judge.model, model.judge or model.judgeEndpoint) "
+             "or raise engine.maxModelLen if this model allows it",
+    "self": "the model rates each answer through the self-rating prompt: raise engine.maxModelLen if the "
+            "model allows it, or use a filter that needs no prompt (consistency, entropy, diversity)",
+}
+
+
+def call_scorer(fr: FilterRun, kind: str, index: int | None, cands: list[Candidate],
+                spec: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """SCORERS[kind] on `cands`; a prompt that cannot fit fails naming the filter and the setting."""
+    try:
+        return SCORERS[kind](fr, cands, spec)
+    except BadInput as exc:
+        hint = CONTEXT_HINTS.get(kind)
+        if hint is None or "engine.maxModelLen" not in str(exc):
+            raise
+        where = f"filters[{index}].{kind}" if index is not None else kind
+        what = str(exc).split("; shorten")[0]  # the engine's advice is for prompts the user writes
+        raise BadInput(f"{where}: {what}; {hint.format(i=index)}") from exc
+
+
 def scores_of(fr: FilterRun, kind: str, cands: list[Candidate], spec: Any) -> list[dict[str, Any]]:
     """The score records of `cands` for the filter now running: the scoring pass's, and what it
     did not score computed now (in one call)."""
@@ -339,7 +364,7 @@ def scores_of(fr: FilterRun, kind: str, cands: list[Candidate], spec: Any) -> li
     todo = cands if table is None else [c for c in cands if c.key not in table]
     fresh: list[dict[str, Any]] = []
     if todo:
-        fresh, extra = SCORERS[kind](fr, todo, spec)
+        fresh, extra = call_scorer(fr, kind, fr.current, todo, spec)
         fr.scorer_calls += 1
         if extra:
             fr.extras.setdefault(fr.current, []).append(extra)
@@ -710,7 +735,7 @@ def score_pass(fr: FilterRun, cands: list[Candidate], size: int) -> dict[str, An
                 records: list[dict[str, Any]] = []
                 extra: dict[str, Any] = {}
                 if todo:
-                    records, extra = SCORERS[kind](fr, todo, params)
+                    records, extra = call_scorer(fr, kind, i, todo, params)
                     fr.scorer_calls += 1
                 writer.write_jsonl(SCORES, ({"id": c.id, "path": c.path, **r} for c, r in zip(todo, records)))
                 stats: dict[str, Any] = {"scored": len(todo)}
