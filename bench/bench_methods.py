@@ -9,8 +9,9 @@ derived from the demo's (`examples/local-arithmetic.yaml`: 16 paths at T 1.0, Lo
 base each round, `rounds.max` rounds), changed only where the method differs:
 
     sft            plain supervised fine-tuning on the labeled warm-start rows (strategy llm2llm
-                   with one round: train on `data.seed`, evaluate), as many rows as give the
-                   seed's LMSI run's total training steps in 2 epochs (the same extra steps)
+                   with one round: train on `data.seed`, evaluate), 2 epochs over as many rows as
+                   give the seed's LMSI run's total training steps (the same extra steps), at most
+                   all 2,000 of them (then fewer steps than LMSI: the table shows both)
     lmsi           consistency >= 0.6 (the demo)
     lmsi-4formats  the same, trained on all four LMSI formats (few-shot with one exemplar)
     iwsi           consistency >= 0.6, then distributionShift keep 0.8 (on the dev split)
@@ -120,9 +121,8 @@ def manifest(method: str, seed: int, prepared: dict[str, Any], rounds: int, work
     else:
         raise SystemExit(f"unknown method {method!r}; one of {', '.join(METHODS)}")
     if smoke:  # a 20-step model agrees with itself on nothing: let every candidate through to the next filter
-        for f in spec.get("filters", []):
-            f.update({"consistency": {"minConfidence": 0.0}} if "consistency" in f else
-                     {"entropy": {"max": 1.0}} if "entropy" in f else {})
+        spec["filters"] = [{"consistency": {"minConfidence": 0.0}} if "consistency" in f else
+                           {"entropy": {"max": 1.0}} if "entropy" in f else f for f in spec.get("filters", [])]
     # the manifest sets sampling, LoRA and epochs itself, so a strategy's preset changes none of them
     return doc
 
