@@ -117,15 +117,22 @@ def prompt_seed(seed: int, index: int | str) -> int:
     return int.from_bytes(digest, "big") >> 2  # < 2**62: leaves room for the n children
 
 
+class PromptTooLong(BadInput):
+    """A prompt that leaves no room in the model's context. `fact` is the measurement alone, so
+    that a caller whose prompt the user did not write (a judge's) can give its own advice."""
+
+    def __init__(self, fact: str, advice: str = "shorten the prompt (fewer few-shot exemplars)"):
+        super().__init__(f"{fact}; {advice}")
+        self.fact = fact
+
+
 def completion_budget(prompt_len: int, max_tokens: int, max_model_len: int, where: str) -> int:
     """Tokens a completion may take after a prompt of `prompt_len` tokens: `max_tokens`, or
-    fewer when the context would overflow. A prompt that leaves no room is a BadInput."""
+    fewer when the context would overflow. A prompt that leaves no room is a PromptTooLong."""
     room = max_model_len - prompt_len
     if room < 1:
-        raise BadInput(
-            f"{where}: the prompt is {prompt_len} tokens and the model's context is "
-            f"{max_model_len} (engine.maxModelLen); shorten the prompt (fewer few-shot exemplars)"
-        )
+        raise PromptTooLong(f"{where}: the prompt is {prompt_len} tokens and the model's context is "
+                            f"{max_model_len} (engine.maxModelLen)")
     return min(max_tokens, room)
 
 

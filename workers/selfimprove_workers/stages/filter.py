@@ -67,7 +67,7 @@ from ..constants import JUDGE_API_KEY_ENV, TEACHER_API_KEY_ENV, OutputName
 from ..contract import ModelRef
 from ..data import load_examples
 from ..endpoints import Endpoint
-from ..engines.base import Engine, GenerationParams
+from ..engines.base import Engine, GenerationParams, PromptTooLong
 from ..errors import BadInput, DataError
 from ..filter_registry import FILTERS
 from ..prompts import cot_completion, render_prompt, render_target, uses_chat_template
@@ -348,13 +348,12 @@ def call_scorer(fr: FilterRun, kind: str, index: int | None, cands: list[Candida
     """SCORERS[kind] on `cands`; a prompt that cannot fit fails naming the filter and the setting."""
     try:
         return SCORERS[kind](fr, cands, spec)
-    except BadInput as exc:
+    except PromptTooLong as exc:
         hint = CONTEXT_HINTS.get(kind)
-        if hint is None or "engine.maxModelLen" not in str(exc):
+        if hint is None:
             raise
         where = f"filters[{index}].{kind}" if index is not None else kind
-        what = str(exc).split("; shorten")[0]  # the engine's advice is for prompts the user writes
-        raise BadInput(f"{where}: {what}; {hint.format(i=index)}") from exc
+        raise PromptTooLong(f"{where}: {exc.fact}", hint.format(i=index)) from exc
 
 
 def scores_of(fr: FilterRun, kind: str, cands: list[Candidate], spec: Any) -> list[dict[str, Any]]:
