@@ -33,7 +33,7 @@ DEFAULTS = {
     "target_accuracy": 0.5,
     "eval_every": 100,
     "lr": 3e-3,
-    "batch_size": 16,
+    "batch_size": 32,
     "model": {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 256, "max_positions": 256},
     "task": {"min_terms": 4, "max_terms": 6, "min_value": 1, "max_value": 9},
 }
