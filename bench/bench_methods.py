@@ -20,13 +20,22 @@ base each round, `rounds.max` rounds), changed only where the method differs:
     judge          consistency >= 0.6, then an LLM judge (the model itself) at AlpaGasus's 4.5
     diversity      consistency >= 0.6, then LTD's coreset, keep 0.5
 
+    seed-sft       plain fine-tuning on a small labeled seed set (`SEED_SET` new labeled questions,
+                   none in any other split), one round
+    llm2llm        LLM2LLM on the same seed set: each round the student trains from the base on the
+                   seed set plus everything the teacher wrote so far, is evaluated on the seed set,
+                   and the teacher writes `augment.perExample` new sums for each seed question it got
+                   wrong (not in the last round). The teacher is the seed's warm-started model trained
+                   further (`selfimprove_workers.demo.teacher`: to 85% dev accuracy, then on the
+                   augment stage's own requests), asked with its short instructions
+                   (`augment.instructions`, no exemplar); its quality on the dev split is printed
+
 A method whose run fails is a row with the run's message: the demo's 256-position model cannot
-read the judge's or the self-rating's prompt, and the stage says so. Not here yet: LLM2LLM with a
-teacher that can write new problems (the augmentation prompt alone is longer than the demo
-model's context).
+read the judge's or the self-rating's prompt, and the stage says so.
 
 Printed per method, over the seeds: held-out accuracy of round 0, of the best round (picked on
-validation) and of the last round (mean ± std), the candidates the filters kept per round, the
+validation) and of the last round (mean ± std), the candidates the filters kept per round (for
+llm2llm: the teacher's new examples per augmenting round), the
 training steps of the whole run, and the wall time.
 
     .venv/bin/python bench/bench_methods.py [--seeds 0 1 2] [--rounds 3] [--methods lmsi iwsi ...]
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -46,12 +56,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from selfimprove_workers.demo.arithmetic import make_problem
+from selfimprove_workers.demo.teacher import INSTRUCTIONS as TEACHER_INSTRUCTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "examples" / "local-arithmetic.yaml"
 CONSISTENCY = {"consistency": {"minConfidence": 0.6}}
 BATCH = 16  # the demo manifest's training.batchSize
-METHODS = ("sft", "lmsi", "lmsi-4formats", "iwsi", "entropy", "self", "judge", "diversity")
+METHODS = ("sft", "lmsi", "lmsi-4formats", "iwsi", "entropy", "self", "judge", "diversity", "seed-sft", "llm2llm")
+SEED_SET = 300      # LLM2LLM's labeled seed set (its GSM8K runs: 74 to 747 examples)
+PER_EXAMPLE = 1     # new sums the teacher writes per wrong seed question (LLM2LLM's preset; the teacher learned k = 1)
+# the teacher's two training steps at toy sizes for --smoke (it writes nothing usable)
+SMOKE_TEACHER = {"steps": 20, "target_accuracy": 1.0, "eval_every": 10, "exchanges": 32, "exchange_steps": 10}
 
 # `python -m selfimprove_workers.demo prepare --params` for --smoke (bench_demo.py's small setup).
 SMOKE_PARAMS = {"n_warm": 64, "n_unlabeled": 8, "n_eval": 8, "n_dev": 8, "steps": 20, "eval_every": 10,
@@ -72,8 +88,42 @@ def prepare(seed: int, cache: Path, smoke: bool) -> dict[str, Any]:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+def seed_set(seed: int, prepared: dict[str, Any], n: int, work: Path) -> Path:
+    """`n` new labeled questions of the demo task, none in any of the seed's splits."""
+    seen = {r["question"] for name in ("warmstart", "unlabeled", "eval", "dev")
+            for r in read_jsonl(Path(prepared["data"][name]))}
+    rng = random.Random(f"bench-methods-seed-set-{seed}")
+    rows: list[dict[str, str]] = []
+    while len(rows) < n:
+        p = make_problem(rng)
+        if p["question"] not in seen:
+            seen.add(p["question"])
+            rows.append({"id": f"seed-{len(rows):05d}", "question": p["question"], "answer": p["answer"]})
+    path = work / f"seed-set-{seed}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def teacher(seed: int, prepared: dict[str, Any], cache: Path, smoke: bool) -> dict[str, Any]:
+    """The seed's LLM2LLM teacher (cached beside its warm-start) and what it writes for the dev split."""
+    code = ("import json, sys; from pathlib import Path\n"
+            "from selfimprove_workers.demo.arithmetic import read_jsonl\n"
+            "from selfimprove_workers.demo.teacher import build_teacher, teacher_quality\n"
+            "a = json.loads(sys.argv[1]); warm, dev = read_jsonl(a['warm']), read_jsonl(a['dev'])\n"
+            "m = build_teacher(a['model'], a['out'], warm, dev, seed=a['seed'], params=a['params'])\n"
+            "q = teacher_quality(m['model'], dev[:a['n']], max_new_tokens=a['tokens'])\n"
+            "print(json.dumps({'model': m['model'], 'quality': q, 'steps': [m['arithmetic']['steps'], "
+            "m['exchange']['steps']], 'devAccuracy': m['arithmetic']['dev_accuracy']}))\n")
+    args = {"warm": prepared["data"]["warmstart"], "dev": prepared["data"]["dev"], "model": prepared["model"],
+            "out": str(cache / f"seed-{seed}" / "teacher"), "seed": seed, "params": SMOKE_TEACHER if smoke else {},
+            "n": 8 if smoke else 150, "tokens": 40 if smoke else 160}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE, text=True,
+                          check=True, cwd=ROOT)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def manifest(method: str, seed: int, prepared: dict[str, Any], rounds: int, work: Path, storage: Path,
-             sft_rows: int, smoke: bool) -> dict[str, Any]:
+             sft_rows: int, smoke: bool, teacher_dir: str | None = None) -> dict[str, Any]:
     """The demo's manifest for this seed, changed where `method` differs (module docstring)."""
     doc = yaml.safe_load(MANIFEST.read_text())
     spec = doc["spec"]
@@ -98,6 +148,23 @@ def manifest(method: str, seed: int, prepared: dict[str, Any], rounds: int, work
         for key in ("sampling", "filters"):
             spec.pop(key, None)
         spec["training"]["epochs"] = 1 if smoke else 2
+    elif method in ("seed-sft", "llm2llm"):
+        spec["strategy"] = "llm2llm"
+        spec["data"] = {"seed": str(seed_set(seed, prepared, 16 if smoke else SEED_SET, work)),
+                        "validation": data["dev"], "evaluation": data["eval"]}
+        for key in ("sampling", "filters"):
+            spec.pop(key, None)
+        if method == "seed-sft":
+            spec["rounds"] = {"max": 1, "patience": 0}
+        else:
+            assert teacher_dir is not None
+            spec["model"]["teacher"] = teacher_dir
+            if smoke:  # the last round does not augment: two, so that the teacher's path runs
+                spec["rounds"] = {"max": 2, "patience": 0}
+            # the student's and the teacher's contexts differ (256, 1024): each engine takes its model's
+            spec["engine"].pop("maxModelLen", None)
+            spec["augment"] = {"perExample": PER_EXAMPLE, "temperature": 1.0, "maxTokens": 40 if smoke else 160,
+                               "instructions": TEACHER_INSTRUCTIONS, "exemplar": False}
     elif method == "lmsi":
         spec["filters"] = [CONSISTENCY]
     elif method == "lmsi-4formats":
@@ -147,6 +214,8 @@ def run(doc: dict[str, Any], work: Path, storage: Path) -> dict[str, Any]:
             m = st.get("metrics") or {}
             if st["name"] == "filter" and "kept" in m:
                 out["kept"].append(m["kept"])
+            if st["name"] == "augment" and "augmented" in m:  # llm2llm: the teacher's new examples
+                out["kept"].append(m["augmented"])
             if st["name"] == "train":
                 out["steps"] += int(m.get("steps") or 0)
     if proc.returncode != 0 or status.get("phase") != "Succeeded":
@@ -205,9 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         prepared = prepare(seed, cache, args.smoke)
         lmsi_steps = 0
+        teacher_dir = None
+        if "llm2llm" in methods:
+            t = teacher(seed, prepared, cache, args.smoke)
+            teacher_dir = t["model"]
+            q = t["quality"]
+            print(f"seed {seed} teacher: {t['steps'][0]} + {t['steps'][1]} steps, dev greedy {q['taskAccuracy']:.1%}; "
+                  f"for the dev questions as wrong ones, {q['parsed']:.1%} of its replies parse, {q['sameTerms']:.1%} "
+                  f"keep the number of terms, {q['rightAnswer']:.1%} have the right sum", flush=True)
         for method in methods:
             sft_rows = max(16, lmsi_steps * BATCH // 2) if lmsi_steps else 500
-            r = run(manifest(method, seed, prepared, rounds, tmp, storage, sft_rows, args.smoke), tmp, storage)
+            r = run(manifest(method, seed, prepared, rounds, tmp, storage, sft_rows, args.smoke, teacher_dir),
+                    tmp, storage)
             if method == "lmsi":
                 lmsi_steps = r["steps"]
             results[method].append(r)

@@ -20,7 +20,8 @@ from model_fixtures import require_vllm
 REPO = Path(__file__).resolve().parents[2]
 
 # script → (what it needs, lines its output must contain, seconds it may take). Smoke runs take
-# ~1 s (extraction), ~6 s (train, operator), ~12 s (sample) and ~60 s (demo: three vLLM stage processes) on 2 cores; ~5 min for methods (eight runs).
+# ~1 s (extraction), ~6 s (train, operator), ~12 s (sample) and ~60 s (demo: three vLLM stage processes) on 2 cores;
+# ~11 min for methods (ten runs and a toy teacher, one run at a time).
 BENCHES = {
     "bench_demo.py": ("vllm", ["seed  round  0  round  1   gain", "smallest gain:", "smoke run"], 900),
     "bench_lmsi_teacher.py": ("vllm", ["| round | student held-out acc |", "control (round 2's teacher sampling",
@@ -28,8 +29,8 @@ BENCHES = {
     # every method of the table through `selfimprove run`; judge and self fail as the demo's 256-position
     # model cannot hold their prompts, and say which setting to change
     "bench_methods.py": ("vllm", ["methods on the demo task", *(f"| {m} | 1 |" for m in (
-        "sft", "lmsi", "lmsi-4formats", "iwsi", "entropy", "diversity")), "filters[1].judge: prompt 0",
-        "filters[1].self: prompt 0", "smoke run"], 900),
+        "sft", "lmsi", "lmsi-4formats", "iwsi", "entropy", "diversity", "seed-sft", "llm2llm")),
+        "filters[1].judge: prompt 0", "filters[1].self: prompt 0", "seed 0 teacher:", "smoke run"], 1200),
     "bench_extraction.py": (None, ["extraction accuracy by style", "overall", "smoke run"], 60),
     "bench_operator.py": ("kmock", ["stage hand-off (Job complete → next Job created): median", "operator RSS:",
                                     "smoke run"], 300),

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from selfimprove_workers.contract import StageTask
 from selfimprove_workers.errors import DataError
 from selfimprove_workers.runtime import StageContext
-from selfimprove_workers.spec import AnswerSpec
+from selfimprove_workers.spec import AnswerSpec, AugmentSpec
 from selfimprove_workers.stages import augment
 
 AB = augment.AnswerFormat.of(AnswerSpec(type="choice", choices="AB"))
@@ -68,6 +69,34 @@ def test_the_choice_prompt_names_the_labels_and_shows_them() -> None:
     assert "(X) positive (Y) negative" in demo_q and demo_a.endswith("#### X")
     assert "#### Y" in ask and "2 similar questions" in ask
     assert "single number" in augment.teacher_messages("q", "#### 1", 1)[0]["content"]
+
+
+def test_the_users_instructions_replace_the_system_message_and_the_exemplar_can_go() -> None:
+    """`augment.instructions` / `augment.exemplar` (a short-context teacher, another kind of task)."""
+    spec = AugmentSpec.model_validate({"instructions": "  Write new sums like the one the student missed. ",
+                                       "exemplar": False})
+    messages = augment.teacher_messages("What is 1 + 2?", "1 + 2 = 3 #### 3", 2, prompt=augment.TeacherPrompt.of(spec))
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[0]["content"] == "Write new sums like the one the student missed."
+    assert "What is 1 + 2?" in messages[1]["content"] and "2 similar questions" in messages[1]["content"]
+    # the defaults are LLM2LLM's prompt with its worked exchange, as before
+    default = augment.teacher_messages("q", "#### 1", 1, prompt=augment.TeacherPrompt.of(AugmentSpec()))
+    assert default == augment.teacher_messages("q", "#### 1", 1)
+    assert [m["role"] for m in default] == ["system", "user", "assistant", "user"]
+    with pytest.raises(ValidationError, match="instructions"):
+        AugmentSpec.model_validate({"instructions": ""})
+    # the loop asks with it, first requests and retries alike
+    seen: list[augment.TeacherBatch] = []
+
+    def teacher(requests: augment.TeacherBatch, attempt: int) -> list[tuple[str, str | None]]:
+        seen.append(requests)
+        return [("no item here", "stop")] * len(requests)
+
+    wrong = [augment.WrongExample("s1", "What is 1 + 2?", "#### 3")]
+    augment.augment_examples(wrong, k=1, retries=1, dedup=augment.RougeDeduper(0.95, []), teacher=teacher,
+                             prompt=augment.TeacherPrompt.of(spec))
+    asked = augment.teacher_messages("What is 1 + 2?", "#### 3", 1, prompt=augment.TeacherPrompt.of(spec))
+    assert asked[0] == messages[0] and [batch[0] for batch in seen] == [asked, asked]  # nothing accepted: asked again
 
 
 def test_the_loop_counts_invalid_answers_and_accepts_only_labels() -> None:

@@ -409,6 +409,16 @@ class AugmentSpec(WireModel):
         0.95, description="Drop a new question whose ROUGE-L against an existing one exceeds this."
     )
     retries: int = Field(1, ge=0, le=10, description="Extra requests for examples lost to filtering.")
+    instructions: str | None = Field(
+        None, min_length=1, max_length=20000,
+        description="The teacher's system message, in place of LLM2LLM's GSM8K instructions (or its "
+        "classification ones for a choice task): LLM2LLM writes one per dataset. The request after it "
+        "is unchanged: the wrong question, its answer key and how many new ones to write, each as "
+        "`Question: … Answer: … #### X`; say so in the instructions.")
+    exemplar: bool = Field(
+        True, description="Show the teacher one worked exchange (a made-up problem and its new problem) "
+        "before the request. Its math word problem suits GSM8K-like tasks; turn it off with your own "
+        "instructions for another kind of question, or for a teacher whose context cannot hold it.")
     filters: list[FilterSpec] = Field(
         default_factory=list, max_length=8,
         description="Filters the teacher's new examples pass before anything trains on them, in order, each "

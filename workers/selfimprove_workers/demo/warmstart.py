@@ -25,7 +25,7 @@ from typing import Any
 
 from .arithmetic import format_prompt, parse_answer, read_jsonl
 
-__all__ = ["warm_start", "encode_example", "greedy_accuracy", "cache_key", "RECIPE_VERSION"]
+__all__ = ["warm_start", "encode_example", "encode_row", "greedy_accuracy", "cache_key", "RECIPE_VERSION"]
 
 # Bump when the training recipe changes in a way the parameters do not capture.
 RECIPE_VERSION = 3
@@ -49,13 +49,26 @@ def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], li
     return ids, labels
 
 
+def encode_row(tokenizer, row: dict[str, str]) -> tuple[list[int], list[int]]:
+    """`encode_example` for a task row; a `{"prompt", "completion"}` row is encoded as given
+    (the completion is appended to the prompt verbatim): the demo's teacher learns its own
+    exchange format that way (`demo/teacher.py`)."""
+    if "prompt" not in row:
+        return encode_example(tokenizer, row["question"], row["answer"])
+    prompt_ids = tokenizer(row["prompt"]).input_ids
+    completion_ids = tokenizer(row["completion"], add_special_tokens=False).input_ids
+    return (prompt_ids + completion_ids + [tokenizer.eos_token_id],
+            [-100] * len(prompt_ids) + completion_ids + [tokenizer.eos_token_id])
+
+
 def _rows(data: str | Path | Iterable[dict[str, Any]]) -> list[dict[str, str]]:
     rows = read_jsonl(data) if isinstance(data, (str, Path)) else list(data)
     out = []
     for i, r in enumerate(rows):
-        if not r.get("question") or not r.get("answer"):
-            raise ValueError(f"warm-start row {i}: needs non-empty question and answer")
-        out.append({"question": r["question"], "answer": r["answer"]})
+        keys = ("prompt", "completion") if "prompt" in r else ("question", "answer")
+        if not all(r.get(k) for k in keys):
+            raise ValueError(f"warm-start row {i}: needs non-empty {' and '.join(keys)}")
+        out.append({k: r[k] for k in keys})
     return out
 
 
@@ -186,7 +199,7 @@ def warm_start(
     model = AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32)
     model.train()
 
-    encoded = [encode_example(tok, r["question"], r["answer"]) for r in rows]
+    encoded = [encode_row(tok, r) for r in rows]
     max_len = max(len(ids) for ids, _ in encoded)
     if max_len > model.config.max_position_embeddings:
         raise ValueError(f"an example has {max_len} tokens > max_position_embeddings")

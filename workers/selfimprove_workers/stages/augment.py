@@ -7,10 +7,12 @@ examples the student got wrong.
    else just the gold answer.
 2. Ask the teacher (`model.teacher`, else the base model; never an adapter) for
    `augment.perExample` new examples per wrong one, with LLM2LLM's educational-assistant prompt
-   — all requests of an attempt in one batched call. With `model.teacherEndpoint` the same
-   messages go to the served model (`endpoint_client`, at most maxConcurrency at a time) and no
-   weights load. Each request is seeded by its seed example's id and the attempt
-   (`prompt_seed(round·1000 + attempt, id)`), so a question gets the same replies in any batch.
+   (or the user's `augment.instructions`; `augment.exemplar: false` drops the one-shot exchange,
+   for other kinds of question or a teacher with a short context) — all requests of an attempt
+   in one batched call. With `model.teacherEndpoint` the same messages go to the served model
+   (`endpoint_client`, at most maxConcurrency at a time) and no weights load. Each request is
+   seeded by its seed example's id and the attempt (`prompt_seed(round·1000 + attempt, id)`), so
+   a question gets the same replies in any batch.
 3. Parse `Question: … Answer: … #### X` items (numbered or not); count and drop malformed ones
    (and a last item cut off by the token limit). X must be an answer of the task's type
    (`prompting.answer`): a number for `number` (and `regex`, as before), one of the option
@@ -179,7 +181,23 @@ class AnswerFormat:
 NUMBER = AnswerFormat()
 
 
-def teacher_messages(question: str, answer_key: str, k: int, fmt: AnswerFormat = NUMBER) -> list[Message]:
+@dataclass(frozen=True)
+class TeacherPrompt:
+    """How the teacher is asked (`augment.instructions`, `augment.exemplar`)."""
+
+    instructions: str | None = None   # the system message; None: LLM2LLM's for the answer type
+    exemplar: bool = True             # the one-shot worked exchange before the request
+
+    @classmethod
+    def of(cls, spec: Any) -> "TeacherPrompt":
+        return cls(instructions=spec.instructions, exemplar=spec.exemplar)
+
+
+LLM2LLM_PROMPT = TeacherPrompt()
+
+
+def teacher_messages(question: str, answer_key: str, k: int, fmt: AnswerFormat = NUMBER,
+                     prompt: TeacherPrompt = LLM2LLM_PROMPT) -> list[Message]:
     if fmt.labels:
         a, b = fmt.labels[0], fmt.labels[1]
         system = TEACHER_SYSTEM_CHOICE.format(labels=", ".join(fmt.labels))
@@ -187,10 +205,13 @@ def teacher_messages(question: str, answer_key: str, k: int, fmt: AnswerFormat =
         demo_reply = DEMO_CHOICE_REPLY.format(a=a, b=b)
     else:
         system, demo_q, demo_a, demo_reply = TEACHER_SYSTEM, DEMO_QUESTION, DEMO_ANSWER, DEMO_REPLY
-    return [
-        {"role": "system", "content": system},
+    demo: list[Message] = [
         {"role": "user", "content": USER_TEMPLATE.format(question=demo_q, answer=demo_a, k=1, s="")},
         {"role": "assistant", "content": demo_reply},
+    ] if prompt.exemplar else []
+    return [
+        {"role": "system", "content": prompt.instructions.strip() if prompt.instructions else system},
+        *demo,
         {"role": "user", "content": USER_TEMPLATE.format(question=question.strip(), answer=answer_key.strip(),
                                                          k=k, s=_plural(k))},
     ]
@@ -367,7 +388,8 @@ STAT_KEYS = ("requests", "malformed", "invalid", "duplicates", "parsed")
 
 
 def augment_examples(wrong: Sequence[WrongExample], k: int, retries: int, dedup: RougeDeduper,
-                     teacher: Teacher, fmt: AnswerFormat = NUMBER) -> dict[str, int]:
+                     teacher: Teacher, fmt: AnswerFormat = NUMBER,
+                     prompt: TeacherPrompt = LLM2LLM_PROMPT) -> dict[str, int]:
     """Fill each example's `accepted` with up to k new items (steps 2-5); returns the counts.
 
     `teacher(requests, attempt)` answers a batch of requests (one batched generate call).
@@ -376,7 +398,7 @@ def augment_examples(wrong: Sequence[WrongExample], k: int, retries: int, dedup:
     the others in the batch (or the shard).
     """
     stats = Counter(dict.fromkeys(STAT_KEYS, 0))
-    first = {ex.id: teacher_messages(ex.question, ex.answer_key, k, fmt) for ex in wrong}
+    first = {ex.id: teacher_messages(ex.question, ex.answer_key, k, fmt, prompt) for ex in wrong}
     own = {ex.id: dedup.fresh() for ex in wrong}
     pending = list(wrong)
     for attempt in range(retries + 1):
@@ -533,7 +555,7 @@ def run(ctx: StageContext) -> StageOutcome:
                                        progress=lambda d, t: ctx.progress(d, t, "teacher requests"))
                 return [(o.completions[0].text, o.completions[0].finish_reason) for o in outs]
 
-            stats = augment_examples(wrong, k, spec.retries, dedup, teacher, fmt)
+            stats = augment_examples(wrong, k, spec.retries, dedup, teacher, fmt, TeacherPrompt.of(spec))
         finally:
             engine.close()
 
@@ -701,5 +723,5 @@ def _augment_through(ctx: StageContext, endpoint: Endpoint, wrong: list[WrongExa
                                   progress=lambda d, t: ctx.progress(d, t, "teacher requests"))
             return [(r.text, r.finish_reason) for r in replies]
 
-        stats = augment_examples(wrong, k, spec.retries, dedup, teacher, fmt)
+        stats = augment_examples(wrong, k, spec.retries, dedup, teacher, fmt, TeacherPrompt.of(spec))
     return stats, {"metrics": client.stats.metrics("teacher"), "details": client.stats.details(endpoint)}
