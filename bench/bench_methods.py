@@ -51,7 +51,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +102,10 @@ def seed_set(seed: int, prepared: dict[str, Any], n: int, work: Path) -> Path:
             seen.add(p["question"])
             rows.append({"id": f"seed-{len(rows):05d}", "question": p["question"], "answer": p["answer"]})
     path = work / f"seed-set-{seed}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # seed-sft and llm2llm may run at once (--jobs): same content, replaced atomically
+    tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
     return path
 
 
@@ -260,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="default: .cache/demo (a temp dir with --smoke)")
     ap.add_argument("--storage", type=Path, default=None, help="default: a fresh temp dir")
     ap.add_argument("--smoke", action="store_true", help="every method at toy sizes, one round (figures mean nothing)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="runs at once (default 1, so that wall times compare; 2 with --smoke, whose toy runs "
+                         "wait on process start-up more than on the cores)")
     args = ap.parse_args(argv)
+    jobs = args.jobs or (2 if args.smoke else 1)
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     rounds = args.rounds or (1 if args.smoke else 3)
     tmp = Path(tempfile.mkdtemp(prefix="bench-methods-"))
@@ -282,16 +291,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} teacher: {t['steps'][0]} + {t['steps'][1]} steps, dev greedy {q['taskAccuracy']:.1%}; "
                   f"for the dev questions as wrong ones, {q['parsed']:.1%} of its replies parse, {q['sameTerms']:.1%} "
                   f"keep the number of terms, {q['rightAnswer']:.1%} have the right sum", flush=True)
-        for method in methods:
+        def one(method: str) -> tuple[str, dict[str, Any]]:
             sft_rows = max(16, lmsi_steps * BATCH // 2) if lmsi_steps else 500
-            r = run(manifest(method, seed, prepared, rounds, tmp, storage, sft_rows, args.smoke, teacher_dir),
-                    tmp, storage)
-            if method == "lmsi":
-                lmsi_steps = r["steps"]
+            return method, run(manifest(method, seed, prepared, rounds, tmp, storage, sft_rows, args.smoke,
+                                        teacher_dir), tmp, storage)
+
+        def record(method: str, r: dict[str, Any]) -> None:
             results[method].append(r)
             print(f"seed {seed} {method}: {r['phase']}, accuracy by round "
                   f"{[round(a, 3) for a in r['accs'] if a is not None]}, kept {r['kept']}, {r['steps']} steps, "
                   f"{r['seconds']:.0f}s" + (f" — {r['error']}" if "error" in r else ""), flush=True)
+
+        if "lmsi" in methods:  # first and alone: sft's row count comes from its steps
+            record(*one("lmsi"))
+            lmsi_steps = results["lmsi"][-1]["steps"]
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for method, r in pool.map(one, [m for m in methods if m != "lmsi"]):
+                record(method, r)
     print(f"\nmethods on the demo task: seeds {seeds}, {rounds} round(s); held-out accuracy, mean ± std over seeds")
     print("\n".join(table(results)))
     if args.smoke:
