@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # script → (what it needs, lines its output must contain, seconds it may take). Smoke runs take
 # ~1 s (extraction), ~6 s (train, operator), ~12 s (sample) and ~60 s (demo: three vLLM stage processes) on 2 cores;
-# ~6 min for methods (ten runs, two at a time, and a toy teacher).
+# ~5 min for methods (ten runs, two at a time, and a toy teacher: 287 s in CI at bede2d6).
 BENCHES = {
     "bench_demo.py": ("vllm", ["seed  round  0  round  1   gain", "smallest gain:", "smoke run"], 900),
     "bench_lmsi_teacher.py": ("vllm", ["| round | student held-out acc |", "control (round 2's teacher sampling",
