@@ -85,12 +85,13 @@ def exchange_rows(rows: Sequence[dict[str, str]], n: int, seed: int, tokenizer: 
 
 def _widen(student: Path, out: Path, max_positions: int) -> Path:
     """A copy of the student whose context is `max_positions` (same weights)."""
-    if out.exists() and (out / "config.json").exists():
-        cfg = json.loads((out / "config.json").read_text())
-        if cfg.get("max_position_embeddings") == max_positions and (out / "student.sha256").read_text() == \
-                _dir_digest(student):
+    mark = out / "student.sha256"
+    if out.exists():
+        cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        if cfg.get("max_position_embeddings") == max_positions and mark.exists() and \
+                mark.read_text() == _dir_digest(student):
             return out
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # another student or context, or a copy that never finished
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
