@@ -267,7 +267,9 @@ class LocalExecutor:
             self.observed[key] = Observed(attempt=sp.start.attempt, state="running",
                                           progress=report.text() if report else None,
                                           report=report, completed_shards=done)
-            return before is None or before.completed_shards != done
+            # A new combined record re-plans, as one process's does (`_collect`): without it the
+            # live progress would move only when a shard finished.
+            return before is None or before.completed_shards != done or before.report != report
         del self.running[key]
         results = [_result_of(m) for m in sp.group]
         merged = next((r for r, c in zip(results, codes, strict=True) if c == 0 and r is not None and r.shard is None), None)
